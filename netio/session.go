@@ -1,0 +1,966 @@
+package netio
+
+import (
+	"bytes"
+	"crypto/tls"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/hermod-mta/hermod/internal/smtperr"
+)
+
+// Protocol limits of RFC 5321 §4.5.3.1.
+const (
+	// maxCommandLine is the longest command line, CRLF included.
+	maxCommandLine = 512
+	// maxMailRcptLine is the longest MAIL or RCPT line: RFC 5321 lets
+	// extensions (SIZE, SMTPUTF8, DSN's ORCPT/ENVID) raise the 512 octets.
+	maxMailRcptLine = 1024
+	// maxTextLine is the longest line of message data, CRLF included.
+	maxTextLine = 1000
+	// maxPath is the longest reverse- or forward-path, brackets included.
+	maxPath = 256
+	// maxLocalPart and maxDomain bound the parts of a mailbox.
+	maxLocalPart = 64
+	maxDomain    = 255
+)
+
+// Phase is where a Session is in the protocol.
+type Phase uint8
+
+const (
+	// PhaseCommand waits for a command line.
+	PhaseCommand Phase = iota
+	// PhaseData reads DATA message content up to the lone dot.
+	PhaseData
+	// PhaseBDAT reads a BDAT chunk of known size.
+	PhaseBDAT
+	// PhasePending waits for the backend to finish a commit; input is not
+	// read until Resume is called.
+	PhasePending
+	// PhaseClosed means the session is over; the connection must close.
+	PhaseClosed
+)
+
+func (p Phase) String() string {
+	switch p {
+	case PhaseCommand:
+		return "command"
+	case PhaseData:
+		return "data"
+	case PhaseBDAT:
+		return "bdat"
+	case PhasePending:
+		return "pending"
+	case PhaseClosed:
+		return "closed"
+	}
+	return "phase(" + strconv.Itoa(int(p)) + ")"
+}
+
+// Action tells the transport what to do after Feed or Resume.
+type Action uint8
+
+const (
+	// ActNone: write the replies, feed more input when it arrives.
+	ActNone Action = iota
+	// ActPending: write the replies; a commit is outstanding. Do not feed
+	// input until the session's notify function has been called and Resume
+	// has run.
+	ActPending
+	// ActStartTLS: write the replies (ending with 220), then run the TLS
+	// handshake and call TLSStarted. Input after the STARTTLS line was
+	// already refused by the session.
+	ActStartTLS
+	// ActClose: write the replies, then close the connection.
+	ActClose
+)
+
+// ConnInfo describes the client connection of a session.
+type ConnInfo struct {
+	// Remote and Local are the socket addresses.
+	Remote netip.AddrPort
+	Local  netip.AddrPort
+	// TLS is set once STARTTLS has completed.
+	TLS *tls.ConnectionState
+	// Helo is the name given with the last HELO or EHLO.
+	Helo string
+	// ESMTP is true after EHLO, false after HELO.
+	ESMTP bool
+}
+
+// Envelope is one mail transaction as the client stated it.
+type Envelope struct {
+	// Conn is the connection the transaction came on. The backend may read
+	// it only during the call it was passed to.
+	Conn *ConnInfo
+	// From is the reverse-path without angle brackets; "" is the null
+	// reverse-path <>.
+	From string
+	// Rcpts are the accepted forward-paths, without angle brackets, in the
+	// order given, duplicates removed.
+	Rcpts []string
+	// Size is the SIZE= the client declared, 0 if none.
+	Size int64
+	// Body8Bit is set by BODY=8BITMIME.
+	Body8Bit bool
+	// SMTPUTF8 is set by the SMTPUTF8 parameter.
+	SMTPUTF8 bool
+	// Chunked is set when the content arrived with BDAT.
+	Chunked bool
+}
+
+// Backend is the policy and storage behind sessions. It is implemented by
+// the engine. Connect, Mail and Rcpt run on an event loop: they must decide
+// from memory and never block. Data must not block either: it starts the
+// commit and calls done later, from any goroutine, exactly once.
+type Backend interface {
+	// Connect is called for a new connection; a non-nil reply refuses it
+	// (the reply is sent and the connection closed).
+	Connect(c *ConnInfo) *smtperr.Error
+	// Mail checks the reverse-path of a new transaction.
+	Mail(env *Envelope) *smtperr.Error
+	// Rcpt checks one forward-path; env.Rcpts holds those accepted so far.
+	Rcpt(env *Envelope, rcpt string) *smtperr.Error
+	// Data takes the complete message content (CRLF line endings,
+	// dot-unstuffed) and commits it. The backend owns body afterwards and
+	// must not keep env. done receives the reply for the client: 250 only
+	// once the message is durable.
+	Data(env *Envelope, body []byte, done func(*smtperr.Error))
+}
+
+// Fixed replies. They are shared and must not be modified.
+var (
+	replyOK           = smtperr.New(250, "2.0.0", "Ok")
+	replyBye          = smtperr.New(221, "2.0.0", "Bye")
+	replyData         = smtperr.New(354, "", "End data with <CR><LF>.<CR><LF>")
+	replyVrfy         = smtperr.New(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+	replyHelp         = smtperr.New(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
+	replyTLSReady     = smtperr.New(220, "2.0.0", "Ready to start TLS")
+	errUnknownCommand = smtperr.New(500, "5.5.2", "Error: command not recognized")
+	errNotImpl        = smtperr.New(502, "5.5.1", "Error: command not implemented")
+	errLineTooLong    = smtperr.New(500, "5.5.2", "Error: line too long")
+	errBareLFCommand  = smtperr.New(500, "5.5.2", "Error: bare <LF> or <CR> in command; lines must end with <CR><LF>")
+	errNeedHelo       = smtperr.New(503, "5.5.1", "Error: send HELO/EHLO first")
+	errNestedMail     = smtperr.New(503, "5.5.1", "Error: nested MAIL command")
+	errNeedMail       = smtperr.New(503, "5.5.1", "Error: need MAIL command")
+	errNeedRcpt       = smtperr.New(503, "5.5.1", "Error: need RCPT command")
+	errNoValidRcpt    = smtperr.New(554, "5.5.1", "Error: no valid recipients")
+	errMixedDataBDAT  = smtperr.New(503, "5.5.1", "Error: DATA and BDAT may not be mixed in one transaction")
+	errHeloSyntax     = smtperr.New(501, "5.5.4", "Syntax: EHLO hostname")
+	errMailSyntax     = smtperr.New(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+	errRcptSyntax     = smtperr.New(501, "5.5.4", "Syntax: RCPT TO:<address>")
+	errBDATSyntax     = smtperr.New(501, "5.5.4", "Syntax: BDAT size [LAST]")
+	errNoArgs         = smtperr.New(501, "5.5.4", "Syntax error: no arguments allowed")
+	errBadSender      = smtperr.New(553, "5.1.7", "Error: malformed sender address")
+	errBadRcpt        = smtperr.New(553, "5.1.3", "Error: malformed recipient address")
+	errPathTooLong    = smtperr.New(501, "5.5.4", "Error: address too long")
+	errNeedUTF8       = smtperr.New(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
+	errUnknownParam   = smtperr.New(555, "5.5.4", "Error: unsupported MAIL/RCPT parameter")
+	errBadParam       = smtperr.New(501, "5.5.4", "Error: malformed MAIL/RCPT parameter")
+	errTooBig         = smtperr.New(552, "5.3.4", "Error: message too big for system")
+	errTooManyRcpts   = smtperr.New(452, "4.5.3", "Error: too many recipients")
+	errTooManyErrors  = smtperr.New(421, "4.7.0", "Error: too many errors, closing connection")
+	errBareLFData     = smtperr.New(554, "5.6.0", "Error: bare <LF> or <CR> in message data; lines must end with <CR><LF> (SMTP smuggling protection)")
+	errBareLFDotClose = smtperr.New(554, "5.6.0", "Error: bare <LF> or <CR> near end of data; message rejected, closing connection (SMTP smuggling protection)")
+	errDataLineLong   = smtperr.New(554, "5.6.0", "Error: message line longer than 1000 octets")
+	errTLSNotOffered  = smtperr.New(502, "5.5.1", "Error: STARTTLS not offered")
+	errTLSActive      = smtperr.New(503, "5.5.1", "Error: TLS already active")
+	errTLSInMail      = smtperr.New(503, "5.5.1", "Error: MAIL transaction in progress")
+	errTLSPipelined   = smtperr.New(554, "5.5.1", "Error: data pipelined after STARTTLS; closing connection")
+	errNoLocalPost    = smtperr.New(550, "5.1.1", "Error: this server has no local mailboxes")
+	errAddrLiteral    = smtperr.New(553, "5.1.3", "Error: address literals are not accepted as recipient domains")
+)
+
+// Session is the server side of one SMTP connection as a pure state machine:
+// bytes in, replies out. It does no I/O, keeps no timers and is not safe for
+// concurrent use; the transport (the gnet event loop or, after STARTTLS, a
+// goroutine) drives it and enforces timeouts by looking at Phase.
+//
+// Invariants: replies are produced in command order; nothing after a
+// STARTTLS line is ever interpreted; message content is terminated only by
+// <CRLF>.<CRLF> and content with a bare CR or LF is never handed to the
+// backend.
+type Session struct {
+	cfg    *ServerConfig
+	b      Backend
+	notify func(*smtperr.Error)
+	info   ConnInfo
+	tls    bool // STARTTLS may be offered
+
+	phase   Phase
+	errors  int
+	discard bool // discarding an over-long command line up to its LF
+
+	env       *Envelope // current transaction, nil when none
+	rcptTried bool      // a RCPT was given in this transaction
+
+	// Message content being received.
+	body     []byte
+	dataErr  *smtperr.Error // first problem found in the content
+	midLine  bool           // inside an over-long data line being discarded
+	lastBare bool           // previous data line ended with a bare LF
+	prevCR   bool           // BDAT: previous chunk ended with CR
+	lineLen  int            // BDAT: length of the current line so far
+	bdatLeft int64
+	bdatLast bool
+
+	// DataBytes counts content octets received in the current DATA or BDAT
+	// phase (before unstuffing); the transport uses it for the minimum
+	// data rate.
+	DataBytes int64
+}
+
+// NewSession returns a session for a new connection. notify is called (from
+// any goroutine) with the backend's reply once a Data commit finishes; the
+// transport must then call Resume on the session's own goroutine. tlsOK
+// says whether STARTTLS may be offered.
+func NewSession(cfg *ServerConfig, b Backend, info ConnInfo, tlsOK bool, notify func(*smtperr.Error)) *Session {
+	return &Session{cfg: cfg, b: b, notify: notify, info: info, tls: tlsOK && info.TLS == nil}
+}
+
+// Phase returns the current phase.
+func (s *Session) Phase() Phase { return s.phase }
+
+// Info returns the connection information.
+func (s *Session) Info() *ConnInfo { return &s.info }
+
+// Greeting appends the opening 220 reply (or the backend's refusal, in
+// which case it returns ActClose).
+func (s *Session) Greeting(out []byte) ([]byte, Action) {
+	if r := s.b.Connect(&s.info); r != nil {
+		s.phase = PhaseClosed
+		return r.AppendReply(out), ActClose
+	}
+	out = append(out, "220 "...)
+	out = append(out, s.cfg.Hostname...)
+	out = append(out, " ESMTP Hermod\r\n"...)
+	return out, ActNone
+}
+
+// Feed consumes as much of in as it can, appending replies to out. It
+// returns the number of bytes consumed (the rest — an incomplete line, or
+// everything after a command that started a commit — must be fed again
+// later, followed by any new input), the extended out, and what the
+// transport must do next.
+func (s *Session) Feed(in []byte, out []byte) (int, []byte, Action) {
+	n := 0
+	for {
+		switch s.phase {
+		case PhaseClosed:
+			return len(in), out, ActClose
+		case PhasePending:
+			return n, out, ActPending
+		case PhaseData:
+			c, done, closeNow := s.readData(in[n:])
+			n += c
+			if closeNow {
+				s.resetTxn()
+				s.phase = PhaseClosed
+				return len(in), errBareLFDotClose.AppendReply(out), ActClose
+			}
+			if !done {
+				return n, out, ActNone
+			}
+			var act Action
+			out, act = s.endData(out)
+			if act != ActNone {
+				return n, out, act
+			}
+		case PhaseBDAT:
+			c := s.readBDAT(in[n:])
+			n += c
+			if s.bdatLeft > 0 {
+				return n, out, ActNone
+			}
+			var act Action
+			out, act = s.endBDAT(out)
+			if act != ActNone {
+				return n, out, act
+			}
+		case PhaseCommand:
+			if n >= len(in) {
+				return n, out, ActNone
+			}
+			i := bytes.IndexByte(in[n:], '\n')
+			if i < 0 {
+				if s.discard || len(in)-n > maxMailRcptLine {
+					s.discard = true
+					return len(in), out, ActNone
+				}
+				return n, out, ActNone
+			}
+			line := in[n : n+i+1]
+			n += i + 1
+			if s.discard {
+				s.discard = false
+				var act Action
+				if out, act = s.fail(out, errLineTooLong); act != ActNone {
+					return len(in), out, act
+				}
+				continue
+			}
+			var act Action
+			out, act = s.command(line, out)
+			switch act {
+			case ActStartTLS:
+				if n < len(in) {
+					// CVE-2011-0411: anything pipelined after STARTTLS
+					// would be taken as sent over TLS. Refuse it all.
+					s.phase = PhaseClosed
+					return len(in), errTLSPipelined.AppendReply(out), ActClose
+				}
+				return n, replyTLSReady.AppendReply(out), ActStartTLS
+			case ActClose:
+				return len(in), out, ActClose
+			case ActPending:
+				return n, out, ActPending
+			}
+		}
+	}
+}
+
+// Resume finishes a pending commit with the backend's reply and returns the
+// session to command phase. Pipelined input left unconsumed by Feed must be
+// fed again after Resume.
+func (s *Session) Resume(r *smtperr.Error, out []byte) ([]byte, Action) {
+	if s.phase != PhasePending {
+		return out, ActNone
+	}
+	s.phase = PhaseCommand
+	s.resetTxn()
+	if r == nil {
+		r = smtperr.New(451, "4.3.0", "Error: no reply from queue")
+	}
+	if !r.Positive() {
+		return s.fail(out, r)
+	}
+	return r.AppendReply(out), ActNone
+}
+
+// TLSStarted records a completed TLS handshake: the session starts afresh
+// (RFC 3207 §4.2: the client must send EHLO again).
+func (s *Session) TLSStarted(cs *tls.ConnectionState) {
+	s.info.TLS = cs
+	s.info.Helo = ""
+	s.info.ESMTP = false
+	s.tls = false
+	s.resetTxn()
+	s.phase = PhaseCommand
+}
+
+// Abort releases a transaction in progress (the connection is gone).
+func (s *Session) Abort() {
+	if s.phase != PhasePending {
+		s.resetTxn()
+	}
+	s.phase = PhaseClosed
+}
+
+func (s *Session) resetTxn() {
+	s.env = nil
+	s.rcptTried = false
+	s.body = nil
+	s.dataErr = nil
+	s.midLine = false
+	s.lastBare = false
+	s.prevCR = false
+	s.lineLen = 0
+	s.bdatLeft = 0
+	s.bdatLast = false
+	s.DataBytes = 0
+}
+
+// fail appends an error reply and counts it; past MaxErrors it closes.
+func (s *Session) fail(out []byte, r *smtperr.Error) ([]byte, Action) {
+	out = r.AppendReply(out)
+	if r.Code == 421 {
+		s.phase = PhaseClosed
+		return out, ActClose
+	}
+	s.errors++
+	if s.errors >= s.cfg.MaxErrors {
+		s.phase = PhaseClosed
+		return errTooManyErrors.AppendReply(out), ActClose
+	}
+	return out, ActNone
+}
+
+func (s *Session) reply(out []byte, r *smtperr.Error) ([]byte, Action) {
+	if r.Positive() {
+		return r.AppendReply(out), ActNone
+	}
+	return s.fail(out, r)
+}
+
+// command executes one command line (terminated by LF).
+func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
+	// Strict CRLF: the line must end in CRLF and contain no other CR.
+	if len(line) < 2 || line[len(line)-2] != '\r' || bytes.IndexByte(line[:len(line)-2], '\r') >= 0 {
+		return s.fail(out, errBareLFCommand)
+	}
+	line = line[:len(line)-2]
+	if bytes.IndexByte(line, 0) >= 0 {
+		return s.fail(out, errUnknownCommand)
+	}
+	verb, arg := line, []byte(nil)
+	if i := bytes.IndexByte(line, ' '); i >= 0 {
+		verb, arg = line[:i], line[i+1:]
+	}
+	isMailRcpt := bytes.EqualFold(verb, []byte("MAIL")) || bytes.EqualFold(verb, []byte("RCPT"))
+	if len(line)+2 > maxCommandLine && !(isMailRcpt && len(line)+2 <= maxMailRcptLine) {
+		return s.fail(out, errLineTooLong)
+	}
+	switch {
+	case eqVerb(verb, "EHLO"):
+		return s.helo(arg, true, out)
+	case eqVerb(verb, "HELO"):
+		return s.helo(arg, false, out)
+	case eqVerb(verb, "MAIL"):
+		return s.reply(out, s.mail(arg))
+	case eqVerb(verb, "RCPT"):
+		return s.reply(out, s.rcpt(arg))
+	case eqVerb(verb, "DATA"):
+		return s.data(arg, out)
+	case eqVerb(verb, "BDAT"):
+		return s.bdat(arg, out)
+	case eqVerb(verb, "RSET"):
+		if len(bytes.TrimSpace(arg)) > 0 {
+			return s.fail(out, errNoArgs)
+		}
+		s.resetTxn()
+		return replyOK.AppendReply(out), ActNone
+	case eqVerb(verb, "NOOP"):
+		return replyOK.AppendReply(out), ActNone
+	case eqVerb(verb, "QUIT"):
+		s.resetTxn()
+		s.phase = PhaseClosed
+		return replyBye.AppendReply(out), ActClose
+	case eqVerb(verb, "VRFY"):
+		if len(bytes.TrimSpace(arg)) == 0 {
+			return s.fail(out, smtperr.New(501, "5.5.4", "Syntax: VRFY address"))
+		}
+		return replyVrfy.AppendReply(out), ActNone
+	case eqVerb(verb, "HELP"):
+		return replyHelp.AppendReply(out), ActNone
+	case eqVerb(verb, "STARTTLS"):
+		switch {
+		case len(bytes.TrimSpace(arg)) > 0:
+			return s.fail(out, errNoArgs)
+		case s.info.TLS != nil:
+			return s.fail(out, errTLSActive)
+		case !s.tls:
+			return s.fail(out, errTLSNotOffered)
+		case s.env != nil:
+			return s.fail(out, errTLSInMail)
+		}
+		return out, ActStartTLS
+	case eqVerb(verb, "EXPN"), eqVerb(verb, "TURN"), eqVerb(verb, "ETRN"), eqVerb(verb, "AUTH"),
+		eqVerb(verb, "SEND"), eqVerb(verb, "SOML"), eqVerb(verb, "SAML"), eqVerb(verb, "ATRN"):
+		return s.fail(out, errNotImpl)
+	}
+	return s.fail(out, errUnknownCommand)
+}
+
+func eqVerb(verb []byte, want string) bool {
+	if len(verb) != len(want) {
+		return false
+	}
+	for i := 0; i < len(verb); i++ {
+		c := verb[i]
+		if 'a' <= c && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		if c != want[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Session) helo(arg []byte, ehlo bool, out []byte) ([]byte, Action) {
+	name := bytes.TrimSpace(arg)
+	if len(name) == 0 || len(name) > maxDomain || bytes.ContainsAny(name, " \t") || !printableASCII(name) {
+		if !ehlo {
+			return s.fail(out, smtperr.New(501, "5.5.4", "Syntax: HELO hostname"))
+		}
+		return s.fail(out, errHeloSyntax)
+	}
+	s.resetTxn()
+	s.info.Helo = string(name)
+	s.info.ESMTP = ehlo
+	if !ehlo {
+		out = append(out, "250 "...)
+		out = append(out, s.cfg.Hostname...)
+		return append(out, "\r\n"...), ActNone
+	}
+	out = append(out, "250-"...)
+	out = append(out, s.cfg.Hostname...)
+	out = append(out, "\r\n250-PIPELINING\r\n250-SIZE "...)
+	out = strconv.AppendInt(out, s.cfg.MaxMessageSize, 10)
+	out = append(out, "\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n"...)
+	if s.tls {
+		out = append(out, "250-STARTTLS\r\n"...)
+	}
+	out = append(out, "250 ENHANCEDSTATUSCODES\r\n"...)
+	return out, ActNone
+}
+
+func printableASCII(b []byte) bool {
+	for _, c := range b {
+		if c <= ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Session) mail(arg []byte) *smtperr.Error {
+	if s.info.Helo == "" {
+		return errNeedHelo
+	}
+	if s.env != nil {
+		return errNestedMail
+	}
+	rest, ok := cutPrefixFold(arg, "FROM:")
+	if !ok {
+		return errMailSyntax
+	}
+	path, params, perr := splitPath(rest)
+	if perr != nil {
+		if perr == errPathTooLong {
+			return perr
+		}
+		return errMailSyntax
+	}
+	env := &Envelope{Conn: &s.info}
+	for len(params) > 0 {
+		var p []byte
+		p, params = nextParam(params)
+		key, val, hasVal := bytes.Cut(p, []byte("="))
+		switch {
+		case eqVerb(key, "SIZE"):
+			n, err := strconv.ParseInt(string(val), 10, 64)
+			if !hasVal || err != nil || n < 0 {
+				return errBadParam
+			}
+			if n > s.cfg.MaxMessageSize {
+				return smtperr.New(552, "5.3.4", "Error: message size exceeds fixed limit of %d octets", s.cfg.MaxMessageSize)
+			}
+			env.Size = n
+		case eqVerb(key, "BODY"):
+			switch {
+			case eqVerb(val, "8BITMIME"):
+				env.Body8Bit = true
+			case eqVerb(val, "7BIT"):
+				env.Body8Bit = false
+			default:
+				return smtperr.New(555, "5.5.4", "Error: unsupported BODY type")
+			}
+		case eqVerb(key, "SMTPUTF8"):
+			if hasVal {
+				return errBadParam
+			}
+			env.SMTPUTF8 = true
+		default:
+			return errUnknownParam
+		}
+	}
+	addr, kind := parseMailbox(path, true)
+	switch kind {
+	case mbBad:
+		return errBadSender
+	case mbUTF8:
+		if !env.SMTPUTF8 {
+			return errNeedUTF8
+		}
+	}
+	env.From = addr
+	if r := s.b.Mail(env); r != nil {
+		return r
+	}
+	s.env = env
+	return smtperr.New(250, "2.1.0", "Ok")
+}
+
+func (s *Session) rcpt(arg []byte) *smtperr.Error {
+	if s.env == nil {
+		return errNeedMail
+	}
+	if s.env.Chunked {
+		return errMixedDataBDAT
+	}
+	rest, ok := cutPrefixFold(arg, "TO:")
+	if !ok {
+		return errRcptSyntax
+	}
+	path, params, perr := splitPath(rest)
+	if perr != nil {
+		if perr == errPathTooLong {
+			return perr
+		}
+		return errRcptSyntax
+	}
+	s.rcptTried = true
+	if len(params) > 0 {
+		return errUnknownParam
+	}
+	if len(s.env.Rcpts) >= s.cfg.MaxRecipients {
+		return errTooManyRcpts
+	}
+	addr, kind := parseMailbox(path, false)
+	switch kind {
+	case mbBad, mbNull:
+		return errBadRcpt
+	case mbUTF8:
+		if !s.env.SMTPUTF8 {
+			return errNeedUTF8
+		}
+	case mbPostmaster:
+		return errNoLocalPost
+	case mbLiteral:
+		return errAddrLiteral
+	}
+	for _, r := range s.env.Rcpts {
+		if r == addr {
+			return smtperr.New(250, "2.1.5", "Ok (duplicate recipient)")
+		}
+	}
+	if r := s.b.Rcpt(s.env, addr); r != nil {
+		return r
+	}
+	s.env.Rcpts = append(s.env.Rcpts, addr)
+	return replyRcptOK
+}
+
+var replyRcptOK = smtperr.New(250, "2.1.5", "Ok")
+
+func (s *Session) data(arg []byte, out []byte) ([]byte, Action) {
+	switch {
+	case len(bytes.TrimSpace(arg)) > 0:
+		return s.fail(out, errNoArgs)
+	case s.env == nil:
+		return s.fail(out, errNeedMail)
+	case s.env.Chunked:
+		return s.fail(out, errMixedDataBDAT)
+	case len(s.env.Rcpts) == 0 && !s.rcptTried:
+		return s.fail(out, errNeedRcpt)
+	case len(s.env.Rcpts) == 0:
+		return s.fail(out, errNoValidRcpt)
+	}
+	s.phase = PhaseData
+	s.body = make([]byte, 0, bodyCap(s.env.Size))
+	s.DataBytes = 0
+	return replyData.AppendReply(out), ActNone
+}
+
+// bodyCap picks the initial body buffer size from the declared SIZE.
+func bodyCap(declared int64) int {
+	if declared > 0 && declared <= 1<<20 {
+		return int(declared) + 512
+	}
+	if declared > 1<<20 {
+		return 1 << 20
+	}
+	return 4096
+}
+
+// readData consumes complete lines of DATA content. It returns the bytes
+// consumed, whether the terminating <CRLF>.<CRLF> was read, and whether the
+// connection must be closed because a dot line came with bare line endings
+// (the client, or an attacker, believes the message ended there: a
+// smuggling attempt or a broken client, either way nothing after it can be
+// trusted).
+func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
+	for consumed < len(p) {
+		i := bytes.IndexByte(p[consumed:], '\n')
+		if i < 0 {
+			rest := len(p) - consumed
+			if s.midLine || rest >= maxTextLine {
+				// An over-long line: note it and drop what we have.
+				s.noteDataErr(errDataLineLong)
+				s.midLine = true
+				s.DataBytes += int64(rest)
+				// Keep a trailing CR: it may pair with the next LF.
+				if p[len(p)-1] == '\r' {
+					return len(p) - 1, false, false
+				}
+				return len(p), false, false
+			}
+			return consumed, false, false
+		}
+		line := p[consumed : consumed+i+1]
+		consumed += i + 1
+		s.DataBytes += int64(len(line))
+		if s.midLine {
+			s.midLine = false
+			bare := len(line) < 2 || line[len(line)-2] != '\r'
+			if bare || bytes.IndexByte(line[:len(line)-1], '\r') != len(line)-2 {
+				s.noteDataErr(errBareLFData)
+			}
+			s.lastBare = bare
+			continue
+		}
+		bare := len(line) < 2 || line[len(line)-2] != '\r'
+		content := line[:len(line)-1]
+		if !bare {
+			content = line[:len(line)-2]
+		}
+		if bytes.IndexByte(content, '\r') >= 0 {
+			s.noteDataErr(errBareLFData)
+		}
+		if len(content) == 1 && content[0] == '.' {
+			if bare || s.lastBare || bytes.IndexByte(content, '\r') >= 0 {
+				return consumed, false, true
+			}
+			return consumed, true, false
+		}
+		if bare {
+			s.noteDataErr(errBareLFData)
+		}
+		s.lastBare = bare
+		if len(line) > maxTextLine {
+			s.noteDataErr(errDataLineLong)
+		}
+		if len(line) > 0 && line[0] == '.' {
+			line = line[1:]
+		}
+		s.appendBody(line)
+	}
+	return consumed, false, false
+}
+
+func (s *Session) noteDataErr(e *smtperr.Error) {
+	if s.dataErr == nil {
+		s.dataErr = e
+	}
+	if e == errBareLFData || e == errTooBig {
+		// Keep the most important reason: smuggling and size trump
+		// line length.
+		if s.dataErr == errDataLineLong {
+			s.dataErr = e
+		}
+	}
+}
+
+func (s *Session) appendBody(b []byte) {
+	if s.dataErr == errTooBig {
+		return
+	}
+	if int64(len(s.body)+len(b)) > s.cfg.MaxMessageSize {
+		s.dataErr = errTooBig
+		s.body = nil
+		return
+	}
+	s.body = append(s.body, b...)
+}
+
+// endData finishes a DATA phase after the terminating dot.
+func (s *Session) endData(out []byte) ([]byte, Action) {
+	if s.dataErr != nil {
+		e := s.dataErr
+		s.resetTxn()
+		s.phase = PhaseCommand
+		return s.fail(out, e)
+	}
+	return s.commit(out)
+}
+
+func (s *Session) commit(out []byte) ([]byte, Action) {
+	env, body := s.env, s.body
+	s.env, s.body = nil, nil
+	s.phase = PhasePending
+	s.b.Data(env, body, s.notify)
+	return out, ActPending
+}
+
+func (s *Session) bdat(arg []byte, out []byte) ([]byte, Action) {
+	sz, last, ok := parseBDAT(arg)
+	if !ok {
+		// The chunk size is unknown, so the stream cannot be
+		// resynchronised: refuse and close.
+		s.phase = PhaseClosed
+		return errBDATSyntax.AppendReply(out), ActClose
+	}
+	s.phase = PhaseBDAT
+	s.bdatLeft = sz
+	s.bdatLast = last
+	switch {
+	case s.env == nil:
+		s.noteDataErr(errNeedMail)
+	case len(s.env.Rcpts) == 0:
+		s.noteDataErr(errNoValidRcpt)
+	case !s.env.Chunked:
+		s.env.Chunked = true
+		s.body = make([]byte, 0, bodyCap(max(s.env.Size, sz)))
+	}
+	if sz == 0 {
+		return s.endBDAT(out)
+	}
+	return out, ActNone
+}
+
+func parseBDAT(arg []byte) (size int64, last, ok bool) {
+	f := bytes.Fields(arg)
+	if len(f) == 0 || len(f) > 2 || len(f[0]) > 18 {
+		return 0, false, false
+	}
+	for _, c := range f[0] {
+		if c < '0' || c > '9' {
+			return 0, false, false
+		}
+	}
+	n, err := strconv.ParseInt(string(f[0]), 10, 64)
+	if err != nil {
+		return 0, false, false
+	}
+	if len(f) == 2 {
+		if !eqVerb(f[1], "LAST") {
+			return 0, false, false
+		}
+		last = true
+	}
+	return n, last, true
+}
+
+// readBDAT consumes up to bdatLeft raw octets of chunk content, checking
+// line endings and lengths across chunk boundaries.
+func (s *Session) readBDAT(p []byte) int {
+	if int64(len(p)) > s.bdatLeft {
+		p = p[:s.bdatLeft]
+	}
+	s.bdatLeft -= int64(len(p))
+	s.DataBytes += int64(len(p))
+	if s.dataErr != nil {
+		return len(p)
+	}
+	// Every LF must follow a CR, every CR must precede an LF.
+	i := 0
+	if s.prevCR && len(p) > 0 {
+		s.prevCR = false
+		if p[0] == '\n' {
+			s.endBDATLine()
+			i = 1
+		} else {
+			s.noteDataErr(errBareLFData)
+		}
+	}
+	for i < len(p) {
+		j := bytes.IndexAny(p[i:], "\r\n")
+		if j < 0 {
+			s.lineLen += len(p) - i
+			break
+		}
+		s.lineLen += j
+		i += j
+		switch {
+		case p[i] == '\n':
+			s.noteDataErr(errBareLFData) // LF without CR
+			i++
+		case i+1 == len(p):
+			s.prevCR = true // CR at the end of the chunk
+			i++
+		case p[i+1] != '\n':
+			s.noteDataErr(errBareLFData) // CR without LF
+			i++
+		default:
+			s.endBDATLine()
+			i += 2
+		}
+	}
+	if s.lineLen > maxTextLine {
+		s.noteDataErr(errDataLineLong)
+	}
+	if s.env != nil && s.env.Chunked {
+		s.appendBody(p)
+	}
+	return len(p)
+}
+
+func (s *Session) endBDATLine() {
+	if s.lineLen+2 > maxTextLine {
+		s.noteDataErr(errDataLineLong)
+	}
+	s.lineLen = 0
+}
+
+func (s *Session) endBDAT(out []byte) ([]byte, Action) {
+	if !s.bdatLast {
+		s.phase = PhaseCommand
+		if s.dataErr != nil && (s.env == nil || len(s.env.Rcpts) == 0) {
+			e := s.dataErr
+			s.dataErr = nil
+			return s.fail(out, e)
+		}
+		out = append(out, "250 2.0.0 "...)
+		out = strconv.AppendInt(out, s.DataBytes, 10)
+		out = append(out, " octets received\r\n"...)
+		s.DataBytes = 0
+		return out, ActNone
+	}
+	if s.prevCR {
+		s.noteDataErr(errBareLFData)
+	}
+	if s.dataErr != nil {
+		e := s.dataErr
+		s.resetTxn()
+		s.phase = PhaseCommand
+		return s.fail(out, e)
+	}
+	if n := len(s.body); n < 2 || s.body[n-2] != '\r' || s.body[n-1] != '\n' {
+		if n > 0 {
+			s.body = append(s.body, '\r', '\n')
+		}
+	}
+	return s.commit(out)
+}
+
+// cutPrefixFold removes prefix (ASCII, case-insensitive) and the optional
+// spaces after it (a common deviation from RFC 5321 that real clients make).
+func cutPrefixFold(b []byte, prefix string) ([]byte, bool) {
+	if len(b) < len(prefix) || !strings.EqualFold(string(b[:len(prefix)]), prefix) {
+		return nil, false
+	}
+	b = b[len(prefix):]
+	for len(b) > 0 && b[0] == ' ' {
+		b = b[1:]
+	}
+	return b, true
+}
+
+// splitPath splits "<path> params" into the text inside the brackets and
+// the parameters. A '>' inside a quoted local part does not end the path.
+func splitPath(b []byte) (path, params []byte, err *smtperr.Error) {
+	if len(b) == 0 || b[0] != '<' {
+		return nil, nil, errMailSyntax
+	}
+	inQuote := false
+	for i := 1; i < len(b); i++ {
+		c := b[i]
+		switch {
+		case inQuote && c == '\\':
+			i++
+		case c == '"':
+			inQuote = !inQuote
+		case !inQuote && c == '>':
+			if i+1 > maxPath {
+				return nil, nil, errPathTooLong
+			}
+			rest := b[i+1:]
+			if len(rest) > 0 && rest[0] != ' ' {
+				return nil, nil, errMailSyntax
+			}
+			return b[1:i], bytes.TrimLeft(rest, " "), nil
+		}
+	}
+	return nil, nil, errMailSyntax
+}
+
+func nextParam(b []byte) (param, rest []byte) {
+	i := bytes.IndexByte(b, ' ')
+	if i < 0 {
+		return b, nil
+	}
+	return b[:i], bytes.TrimLeft(b[i+1:], " ")
+}
