@@ -190,6 +190,7 @@ type Session struct {
 	tls    bool // STARTTLS may be offered
 
 	phase   Phase
+	quit    bool
 	errors  int
 	discard bool // discarding an over-long command line up to its LF
 
@@ -222,6 +223,9 @@ func NewSession(cfg *ServerConfig, b Backend, info ConnInfo, tlsOK bool, notify 
 
 // Phase returns the current phase.
 func (s *Session) Phase() Phase { return s.phase }
+
+// Quit reports whether the client ended the session with QUIT.
+func (s *Session) Quit() bool { return s.quit }
 
 // Info returns the connection information.
 func (s *Session) Info() *ConnInfo { return &s.info }
@@ -434,6 +438,7 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 	case eqVerb(verb, "NOOP"):
 		return replyOK.AppendReply(out), ActNone
 	case eqVerb(verb, "QUIT"):
+		s.quit = true
 		s.resetTxn()
 		s.phase = PhaseClosed
 		return replyBye.AppendReply(out), ActClose
