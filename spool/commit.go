@@ -1,0 +1,474 @@
+package spool
+
+import (
+	"fmt"
+	"math"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// writeReq is one queued write: a Commit (encoded by the worker, so that
+// compression runs off the caller's goroutine) or a pre-encoded batch from
+// Update, Reschedule or Delete.
+type writeReq struct {
+	msg   *Message
+	body  []byte
+	batch *pebble.Batch
+	delta int64 // change of the message count once durable
+	done  func(error)
+
+	finished atomic.Bool
+}
+
+func (r *writeReq) size() int {
+	if r.batch != nil {
+		return r.batch.Len()
+	}
+	return len(r.body) + 256*len(r.msg.Rcpts)
+}
+
+// worker is one commit goroutine's state.
+type worker struct {
+	mu  sync.Mutex
+	cur []*writeReq // group in flight; failPending fails it if pebble hangs
+
+	group, ok []*writeReq
+	key, val  []byte
+}
+
+// finish completes r exactly once; it reports whether this call did.
+func (s *Store) finish(r *writeReq, err error) bool {
+	if !r.finished.CompareAndSwap(false, true) {
+		return false
+	}
+	if err != nil {
+		s.commitErrors.Add(1)
+	}
+	r.done(err)
+	return true
+}
+
+// work is a commit worker: it takes one queued write, adds whatever else is
+// queued (up to maxGroupReqs / maxGroupBytes), and commits the group as one
+// synced pebble batch. While it waits for the fsync, the other workers
+// gather the next groups; pebble's WAL writer then makes one fsync cover
+// every batch written meanwhile (group commit).
+func (s *Store) work(w *worker) {
+	defer s.wg.Done()
+	for r := range s.queue {
+		group := append(w.group[:0], r)
+		n := r.size()
+	gather:
+		for len(group) < maxGroupReqs && n < maxGroupBytes {
+			select {
+			case r, open := <-s.queue:
+				if !open {
+					break gather
+				}
+				group = append(group, r)
+				n += r.size()
+			default:
+				break gather
+			}
+		}
+		s.commitGroup(w, group)
+		clear(group)
+		w.group = group[:0]
+	}
+}
+
+func (s *Store) commitGroup(w *worker, group []*writeReq) {
+	w.mu.Lock()
+	w.cur = group
+	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		w.cur = nil
+		w.mu.Unlock()
+	}()
+	if err := s.failed(); err != nil {
+		for _, r := range group {
+			s.finish(r, err)
+		}
+		return
+	}
+	b := s.db.NewBatch()
+	ok := w.ok[:0]
+	for _, r := range group {
+		var err error
+		if r.msg != nil {
+			err = s.encodeCommit(w, b, r)
+		} else {
+			err = b.Apply(r.batch, nil)
+		}
+		if err != nil {
+			s.finish(r, err)
+			continue
+		}
+		ok = append(ok, r)
+	}
+	var err error
+	if len(ok) > 0 {
+		err = s.apply(b)
+		s.commitBatches.Add(1)
+	}
+	if err == nil {
+		_ = b.Close()
+	}
+	for _, r := range ok {
+		if err == nil {
+			s.messages.Add(r.delta)
+			if r.msg != nil {
+				s.commits.Add(1)
+			}
+		}
+		s.finish(r, err)
+	}
+	clear(ok)
+	w.ok = ok[:0]
+}
+
+// apply commits b with a WAL fsync. Pebble treats a failed WAL write or sync
+// as fatal: it calls Logger.Fatalf (whose adapter panics) or panics itself,
+// possibly with its commit pipeline locked. Either way the panic is
+// recovered here, the store enters the failed state, and the error is
+// returned: nothing is acknowledged unless pebble returned normally from a
+// synced commit.
+func (s *Store) apply(b *pebble.Batch) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			var cause error
+			switch v := r.(type) {
+			case fatalPanic:
+				cause = v.err
+			case error:
+				cause = v
+			default:
+				cause = fmt.Errorf("%v", v)
+			}
+			err = s.fail(fmt.Errorf("pebble commit: %w", cause))
+		}
+	}()
+	if err := b.Commit(pebble.Sync); err != nil {
+		return fmt.Errorf("spool: commit: %w", err)
+	}
+	return nil
+}
+
+// failPending fails every write in flight in a worker (one may be stuck in
+// pebble for good) and then every write still queued, until Close closes
+// the queue.
+func (s *Store) failPending(err error) {
+	for _, w := range s.workers {
+		w.mu.Lock()
+		for _, r := range w.cur {
+			s.finish(r, err)
+		}
+		w.mu.Unlock()
+	}
+	for r := range s.queue {
+		s.finish(r, err)
+	}
+}
+
+// encodeCommit adds the records of a new message to b: envelope, body,
+// recipients and its one due entry. Nothing is added when it fails.
+func (s *Store) encodeCommit(w *worker, b *pebble.Batch, r *writeReq) error {
+	m := r.msg
+	body, err := s.codec.appendBody(w.val[:0], r.body)
+	if err != nil {
+		return fmt.Errorf("spool: commit %s: %w", m.ID, err)
+	}
+	w.val = body
+	w.key = bodyKey(w.key[:0], m.ID)
+	_ = b.Set(w.key, body, nil)
+
+	w.val = appendEnvelope(w.val[:0], m)
+	w.key = envKey(w.key[:0], m.ID)
+	_ = b.Set(w.key, w.val, nil)
+
+	due := int64(math.MaxInt64)
+	for i := range m.Rcpts {
+		rc := &m.Rcpts[i]
+		w.val = appendRecipient(w.val[:0], rc)
+		w.key = rcptKey(w.key[:0], m.ID, rc.Index)
+		_ = b.Set(w.key, w.val, nil)
+		due = min(due, dueNanos(rc.NextAttempt))
+	}
+	w.key = dueKey(w.key[:0], due, m.ID)
+	_ = b.Set(w.key, nil, nil)
+	return nil
+}
+
+// prepareCommit checks msg and fills in what Commit assigns.
+func (s *Store) prepareCommit(msg *Message, body []byte) error {
+	if msg == nil {
+		return fmt.Errorf("%w: nil message", ErrInvalid)
+	}
+	if len(msg.Rcpts) == 0 || len(msg.Rcpts) > maxRcpts {
+		return fmt.Errorf("%w: %d recipients", ErrInvalid, len(msg.Rcpts))
+	}
+	if len(body) > maxBodyLen {
+		return fmt.Errorf("%w: body of %d bytes", ErrInvalid, len(body))
+	}
+	if msg.ID.IsZero() {
+		msg.ID = s.NewID()
+	}
+	if msg.Received.IsZero() {
+		msg.Received = s.clock()
+	}
+	msg.Size = int64(len(body))
+	for i := range msg.Rcpts {
+		r := &msg.Rcpts[i]
+		r.Index = uint16(i)
+		if r.Domain == "" {
+			r.Domain = domainOf(r.Addr)
+		}
+		r.State = Pending
+		if r.NextAttempt.IsZero() {
+			r.NextAttempt = msg.Received
+		}
+	}
+	return nil
+}
+
+// Commit makes a new message durable: envelope, body (compressed by a
+// commit worker) and all recipients (Pending; NextAttempt defaults to
+// msg.Received) plus its due entry, in one synced write grouped with
+// concurrent commits.
+//
+// Before returning, Commit assigns msg.ID when zero, msg.Received when zero,
+// msg.Size, and each recipient's Index (its position), Domain (when empty),
+// State (Pending) and NextAttempt (when zero). The ID must not already be
+// queued. From then on the store owns msg and body: the caller must not
+// modify them.
+//
+// done is called exactly once, from a spool goroutine, with nil only when
+// the message is durable (fsynced) and visible to Load; with an error it may
+// or may not have been stored (report a temporary failure). done must not
+// block: it runs on a commit worker. A nil done is allowed.
+//
+// Commit never waits for the disk, but it blocks while the bounded commit
+// queue (Config.CommitQueue) is full: backpressure when the disk cannot keep
+// up.
+func (s *Store) Commit(msg *Message, body []byte, done func(error)) {
+	if done == nil {
+		done = func(error) {}
+	}
+	if err := s.prepareCommit(msg, body); err != nil {
+		s.commitErrors.Add(1)
+		go done(err)
+		return
+	}
+	s.enqueue(&writeReq{msg: msg, body: body, delta: 1, done: done})
+}
+
+// CommitWait is Commit that waits for the result.
+func (s *Store) CommitWait(msg *Message, body []byte) error {
+	ch := make(chan error, 1)
+	s.Commit(msg, body, func(err error) { ch <- err })
+	return <-ch
+}
+
+// enqueue hands r to the commit workers, or completes it with an error.
+func (s *Store) enqueue(r *writeReq) {
+	if !s.enter() {
+		s.commitErrors.Add(1)
+		go r.done(ErrClosed)
+		return
+	}
+	defer s.exit()
+	if err := s.failed(); err != nil {
+		s.commitErrors.Add(1)
+		go r.done(err)
+		return
+	}
+	select {
+	case s.queue <- r:
+	case <-s.failedCh:
+		// failPending completes r if the send above won the race.
+		if r.finished.CompareAndSwap(false, true) {
+			s.commitErrors.Add(1)
+			go r.done(s.failed())
+		}
+	}
+}
+
+// write commits b (synced, grouped) and waits for the result.
+func (s *Store) write(b *pebble.Batch, delta int64) error {
+	ch := make(chan error, 1)
+	s.enqueue(&writeReq{batch: b, delta: delta, done: func(err error) { ch <- err }})
+	return <-ch
+}
+
+// earliestPending returns the due value (see dueNanos) of the earliest
+// NextAttempt among pending recipients; ok is false when none is pending.
+func earliestPending(rcpts []Recipient) (due int64, ok bool) {
+	due = math.MaxInt64
+	for i := range rcpts {
+		if rcpts[i].State == Pending {
+			due, ok = min(due, dueNanos(rcpts[i].NextAttempt)), true
+		}
+	}
+	return due, ok
+}
+
+// Update records delivery outcomes. Each element of updates replaces the
+// dynamic fields (State, Attempts, NextAttempt, LastAttempt, LastReply) of
+// the recipient with the same Index; the static fields (Addr, Domain,
+// ORcpt, Notify) stay as committed. The due entry moves to the new earliest
+// NextAttempt of the pending recipients; when none is pending the whole
+// message is removed and removed is true.
+//
+// The write is synced and grouped with concurrent Updates and Commits;
+// Update returns once it is durable. Calls for different IDs may run
+// concurrently from many goroutines; calls for one ID are serialized.
+// Errors: ErrNotFound, ErrUnknownRecipient (nothing written), ErrClosed,
+// ErrFailed.
+func (s *Store) Update(id ID, updates []Recipient) (removed bool, err error) {
+	return s.modify(id, func(rcpts []Recipient) ([]int, error) {
+		changed := make([]int, 0, len(updates))
+		for _, u := range updates {
+			j := findRcpt(rcpts, u.Index)
+			if j < 0 {
+				return nil, fmt.Errorf("%w: %s has no recipient %d", ErrUnknownRecipient, id, u.Index)
+			}
+			if u.State >= numRcptStates {
+				return nil, fmt.Errorf("spool: update %s: bad state %d", id, u.State)
+			}
+			r := &rcpts[j]
+			r.State, r.Attempts, r.NextAttempt, r.LastAttempt, r.LastReply =
+				u.State, u.Attempts, u.NextAttempt, u.LastAttempt, u.LastReply
+			changed = append(changed, j)
+		}
+		s.updates.Add(1)
+		return changed, nil
+	})
+}
+
+// Reschedule sets NextAttempt = at for every pending recipient of id (the
+// admin "flush"), moving its due entry.
+func (s *Store) Reschedule(id ID, at time.Time) error {
+	_, err := s.modify(id, func(rcpts []Recipient) ([]int, error) {
+		var changed []int
+		for j := range rcpts {
+			if rcpts[j].State == Pending {
+				rcpts[j].NextAttempt = at
+				changed = append(changed, j)
+			}
+		}
+		return changed, nil
+	})
+	return err
+}
+
+// Delete removes id with all its records (admin removal), or returns
+// ErrNotFound.
+func (s *Store) Delete(id ID) error {
+	_, err := s.modify(id, func(rcpts []Recipient) ([]int, error) {
+		for j := range rcpts {
+			if rcpts[j].State == Pending {
+				rcpts[j].State = Expired
+			}
+		}
+		return nil, nil
+	})
+	return err
+}
+
+func findRcpt(rcpts []Recipient, idx uint16) int {
+	if int(idx) < len(rcpts) && rcpts[idx].Index == idx {
+		return int(idx)
+	}
+	for j := range rcpts {
+		if rcpts[j].Index == idx {
+			return j
+		}
+	}
+	return -1
+}
+
+// modify is the read-modify-write behind Update, Reschedule and Delete. It
+// reads id's recipient records, lets change edit them (returning which
+// ones to rewrite), and writes the rewritten records and the moved due
+// entry, or the removal of the message when no recipient is pending.
+//
+// Every key is written so that SingleDelete is valid for it: a recipient
+// record is rewritten as SingleDelete+Set (each Set sits between two
+// deletes), the due entry is only Set when it moves, and a removed
+// message's keys each get one SingleDelete.
+func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed bool, err error) {
+	if !s.enter() {
+		return false, ErrClosed
+	}
+	defer s.exit()
+	if err := s.failed(); err != nil {
+		return false, err
+	}
+	l := s.lockID(id)
+	l.Lock()
+	defer l.Unlock()
+
+	rcpts, err := s.readRcpts(id)
+	if err != nil {
+		return false, err
+	}
+	if len(rcpts) == 0 {
+		return false, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	oldDue, hadDue := earliestPending(rcpts)
+	changed, err := change(rcpts)
+	if err != nil {
+		return false, err
+	}
+	newDue, pending := earliestPending(rcpts)
+
+	b := s.db.NewBatch()
+	var k [dueKeyLen]byte
+	var delta int64
+	if !pending {
+		s.appendRemoval(b, id, rcpts)
+		delta = -1
+	} else {
+		var v []byte
+		for _, j := range changed {
+			key := rcptKey(k[:0], id, rcpts[j].Index)
+			v = appendRecipient(v[:0], &rcpts[j])
+			_ = b.SingleDelete(key, nil)
+			_ = b.Set(key, v, nil)
+		}
+	}
+	if hadDue && (!pending || newDue != oldDue) {
+		_ = b.SingleDelete(dueKey(k[:0], oldDue, id), nil)
+	}
+	if pending && (!hadDue || newDue != oldDue) {
+		_ = b.Set(dueKey(k[:0], newDue, id), nil, nil)
+	}
+	if b.Empty() {
+		return false, nil
+	}
+	if err := s.write(b, delta); err != nil {
+		return false, err
+	}
+	if !pending {
+		s.removals.Add(1)
+	}
+	return !pending, nil
+}
+
+// appendRemoval deletes all of a message's records (not its due entry).
+func (s *Store) appendRemoval(b *pebble.Batch, id ID, rcpts []Recipient) {
+	var k, k2 [rcptKeyLen]byte
+	if s.removeWithRangeDel {
+		_ = b.DeleteRange(msgKey(k[:0], id, suffixEnv), msgKey(k2[:0], id, suffixEnd), nil)
+		return
+	}
+	_ = b.SingleDelete(envKey(k[:0], id), nil)
+	_ = b.SingleDelete(bodyKey(k[:0], id), nil)
+	for i := range rcpts {
+		_ = b.SingleDelete(rcptKey(k[:0], id, rcpts[i].Index), nil)
+	}
+}
