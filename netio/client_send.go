@@ -1,0 +1,456 @@
+package netio
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hermod-mta/hermod/internal/smtperr"
+)
+
+// ClientEnvelope is the envelope of one outbound transaction. (The name
+// Envelope belongs to the server's session.)
+type ClientEnvelope struct {
+	// From is the reverse-path without angle brackets; "" is the null
+	// reverse-path <> used by bounces.
+	From string
+	// Rcpts are the forward-paths, without angle brackets. At least one.
+	Rcpts []string
+	// Size is the message size announced with SIZE= and checked against
+	// the server's limit. 0 means len(body).
+	Size int64
+	// Body8Bit says the body has 8-bit content: BODY=8BITMIME is sent, and
+	// a server without 8BITMIME gets nothing (554 5.6.3, RFC 6152 §3).
+	Body8Bit bool
+	// SMTPUTF8 says the envelope or header has UTF-8 (RFC 6531). It is
+	// implied by a non-ASCII address. A server without SMTPUTF8 gets nothing
+	// (554 5.6.7).
+	SMTPUTF8 bool
+	// EnvID is the DSN envelope identifier (RFC 3461 §4.4), unencoded; it is
+	// sent xtext-encoded as ENVID= when the server offers DSN.
+	EnvID string
+	// Ret is the DSN RET= value, "FULL" or "HDRS", or "" for none. It is
+	// sent when the server offers DSN.
+	Ret string
+	// RcptParams are extra RCPT parameters, one string per recipient in the
+	// order of Rcpts (e.g. "NOTIFY=FAILURE ORCPT=rfc822;a@example.org",
+	// already encoded), sent when the server offers DSN. nil for none.
+	RcptParams []string
+}
+
+// ClientTiming splits the time Send took, in the manner of Postfix's
+// delays=: envelope exchange, body transfer, wait for the final reply.
+type ClientTiming struct {
+	// Envelope is from the start of Send to the reply to DATA.
+	Envelope time.Duration
+	// Wrote is the time taken to write the body and the final dot.
+	Wrote time.Duration
+	// Acked is the wait for the reply to the final dot.
+	Acked time.Duration
+}
+
+// SendResult holds the replies of one transaction. The *smtperr.Error
+// values may be shared with other results of the same connection and must
+// not be modified.
+type SendResult struct {
+	// Mail is the reply to MAIL.
+	Mail *smtperr.Error
+	// Rcpts holds one reply per recipient, in order. When MAIL was refused
+	// every entry is the MAIL reply. nil when the transaction was cut short
+	// before that reply arrived.
+	Rcpts []*smtperr.Error
+	// Data is the reply to the final dot, or the refusal of DATA itself,
+	// when at least one recipient was accepted; nil otherwise.
+	Data *smtperr.Error
+	// Timing says where the time went.
+	Timing ClientTiming
+}
+
+// Outcome returns the reply that decides the fate of recipient i: its RCPT
+// reply when that was not 2xx, otherwise the DATA reply. nil means unknown
+// (the transaction was cut short): the error returned by Send decides.
+func (r *SendResult) Outcome(i int) *smtperr.Error {
+	if rc := r.Rcpts[i]; rc == nil || rc.Code/100 != 2 {
+		return rc
+	}
+	return r.Data
+}
+
+// ErrClientEnvelope reports an envelope Send cannot transmit: no
+// recipients, an address with CR, LF, NUL or angle brackets, RcptParams of
+// the wrong length, or an unknown Ret. Nothing is sent; the connection
+// stays usable.
+var ErrClientEnvelope = errors.New("netio: client: invalid envelope")
+
+// Send runs one mail transaction: MAIL, RCPT for every recipient, and DATA
+// with body when at least one recipient was accepted.
+//
+// body is the message as stored, with CRLF line endings. It is sent
+// dot-stuffed; any bare LF or bare CR is sent as CRLF; a missing final CRLF
+// is added before the terminating dot.
+//
+// When the server offers PIPELINING, MAIL, all RCPT and DATA are written at
+// once and the replies read in order (RFC 2920); otherwise each command
+// waits for its reply. SIZE=, BODY=8BITMIME, SMTPUTF8, RET=, ENVID= and the
+// RcptParams are sent when offered and needed. If a pipelined DATA gets 354
+// although no recipient was accepted, the client sends only the final dot
+// (RFC 2920 §3.1).
+//
+// Before anything is sent, Send refuses with a permanent *smtperr.Error a
+// message the server cannot take: 552 5.3.4 when Size exceeds the server's
+// SIZE, 554 5.6.3 when it needs 8BITMIME, 554 5.6.7 when it needs SMTPUTF8
+// and the server lacks it. The connection stays usable.
+//
+// Otherwise the result holds every reply received. A non-nil error (network
+// error, timeout, cancelled ctx, malformed reply) means the transaction was
+// cut short and the connection is unusable; the partial result tells which
+// replies arrived (see SendResult.Outcome).
+func (c *ClientConn) Send(ctx context.Context, env *ClientEnvelope, body []byte) (*SendResult, error) {
+	if !c.Usable() {
+		return nil, ErrClientUnusable
+	}
+	if err := clientCheckEnvelope(env); err != nil {
+		return nil, err
+	}
+	utf8 := clientNeedsUTF8(env)
+	size := env.Size
+	if size <= 0 {
+		size = int64(len(body))
+	}
+	switch {
+	case utf8 && c.exts&clientExtSMTPUTF8 == 0:
+		return nil, smtperr.New(554, "5.6.7", "%s does not support SMTPUTF8, which this message needs", c.mx)
+	case env.Body8Bit && c.exts&clientExt8BitMIME == 0:
+		return nil, smtperr.New(554, "5.6.3", "%s does not support 8BITMIME, which this message needs", c.mx)
+	case c.maxSize > 0 && size > c.maxSize:
+		return nil, smtperr.New(552, "5.3.4", "message size %d exceeds the limit of %d of %s", size, c.maxSize, c.mx)
+	}
+
+	stop := c.watch(ctx)
+	res, err := c.send(env, body, size, utf8)
+	if stop != nil && !stop() {
+		// The connection was closed under the transaction. A complete
+		// result stays valid (the message may have been accepted).
+		c.broken = true
+		if err != nil {
+			err = fmt.Errorf("netio: client: %s: %w (%v)", c.mx, context.Cause(ctx), err)
+		}
+	}
+	return res, err
+}
+
+// send runs the transaction; Send has checked the envelope.
+func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 bool) (*SendResult, error) {
+	res := &SendResult{Rcpts: make([]*smtperr.Error, len(env.Rcpts))}
+	start := time.Now()
+	pipe := c.exts&clientExtPipelining != 0
+	c.wtimeout = c.cfg.MailTimeout
+
+	reset := c.needReset
+	c.needReset = false
+	if reset {
+		c.bw.WriteString("RSET\r\n")
+		if !pipe {
+			if err := c.flush(c.cfg.MailTimeout); err != nil {
+				return res, c.ioError("RSET", err)
+			}
+			if err := c.readReset(); err != nil {
+				return res, err
+			}
+		}
+	}
+	c.writeMail(env, size, utf8)
+	if pipe {
+		for i := range env.Rcpts {
+			c.writeRcpt(env, i)
+		}
+		c.bw.WriteString("DATA\r\n")
+	}
+	if err := c.flush(c.cfg.MailTimeout); err != nil {
+		return res, c.ioError("MAIL", err)
+	}
+	if pipe && reset {
+		if err := c.readReset(); err != nil {
+			return res, err
+		}
+	}
+
+	mail, err := c.reply(c.cfg.MailTimeout, clientStepMail)
+	if err != nil {
+		return res, c.ioError("MAIL", err)
+	}
+	res.Mail = mail
+	mailOK := mail.Code/100 == 2
+	accepted := 0
+	for i := range env.Rcpts {
+		if !pipe {
+			if !mailOK {
+				res.Rcpts[i] = mail
+				continue
+			}
+			if c.closing == nil {
+				c.writeRcpt(env, i)
+				if err := c.flush(c.cfg.RcptTimeout); err != nil {
+					return res, c.ioError("RCPT", err)
+				}
+			}
+		}
+		rep, err := c.reply(c.cfg.RcptTimeout, clientStepRcpt)
+		if err != nil {
+			return res, c.ioError("RCPT", err)
+		}
+		if !mailOK {
+			// Replies to RCPT after a refused MAIL say nothing about the
+			// recipient (typically 503).
+			rep = mail
+		}
+		res.Rcpts[i] = rep
+		if rep.Code/100 == 2 {
+			accepted++
+		}
+	}
+	ok := mailOK && accepted > 0
+
+	if !pipe {
+		if !ok {
+			res.Timing.Envelope = time.Since(start)
+			c.needReset = mailOK && c.closing == nil
+			return res, nil
+		}
+		if c.closing == nil {
+			c.bw.WriteString("DATA\r\n")
+			if err := c.flush(c.cfg.DataInitTimeout); err != nil {
+				return res, c.ioError("DATA", err)
+			}
+		}
+	}
+	rep, err := c.reply(c.cfg.DataInitTimeout, clientStepDataInit)
+	if err != nil {
+		return res, c.ioError("DATA", err)
+	}
+	t354 := time.Now()
+	res.Timing.Envelope = t354.Sub(start)
+	if rep.Code != 354 {
+		if ok {
+			res.Data = rep
+		}
+		c.needReset = mailOK && c.closing == nil
+		return res, nil
+	}
+	if !ok {
+		// RFC 2920 §3.1: DATA was accepted although no recipient was. End
+		// the (empty) message with a lone dot; the server should refuse it.
+		c.bw.WriteString(".\r\n")
+		if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+			return res, c.ioError("DATA", err)
+		}
+		if _, err := c.reply(c.cfg.DataTermTimeout, clientStepCount); err != nil {
+			return res, c.ioError("end of DATA", err)
+		}
+		c.needReset = c.closing == nil
+		return res, nil
+	}
+
+	c.wtimeout = c.cfg.DataBlockTimeout
+	clientWriteBody(c.bw, body)
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		return res, c.ioError("DATA body", err)
+	}
+	wrote := time.Now()
+	res.Timing.Wrote = wrote.Sub(t354)
+	rep, err = c.reply(c.cfg.DataTermTimeout, clientStepDot)
+	if err != nil {
+		return res, c.ioError("end of DATA", err)
+	}
+	res.Timing.Acked = time.Since(wrote)
+	res.Data = rep
+	return res, nil
+}
+
+// reply reads the reply to a command of a transaction. After a 421 the
+// server is gone: the 421 stands for every reply still due. A reply whose
+// class does not fit the command is a protocol error.
+func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Error, error) {
+	if c.closing != nil {
+		return c.closing, nil
+	}
+	rep, err := c.readReply(timeout, step)
+	if err != nil {
+		return nil, err
+	}
+	class := rep.Code / 100
+	switch {
+	case rep.Code == 421:
+		c.closing = rep
+		c.broken = true
+	case class == 3 && step != clientStepDataInit, class == 2 && step == clientStepDataInit:
+		c.broken = true
+		return nil, fmt.Errorf("%w: unexpected reply %v", ErrClientProtocol, rep)
+	}
+	return rep, nil
+}
+
+// readReset reads the reply to RSET.
+func (c *ClientConn) readReset() error {
+	rep, err := c.reply(c.cfg.MailTimeout, clientStepCount)
+	switch {
+	case err != nil:
+		return c.ioError("RSET", err)
+	case rep.Code/100 != 2 && rep.Code != 421:
+		return c.replyError("RSET", rep)
+	}
+	return nil
+}
+
+// writeMail buffers the MAIL command.
+func (c *ClientConn) writeMail(env *ClientEnvelope, size int64, utf8 bool) {
+	w := c.bw
+	w.WriteString("MAIL FROM:<")
+	w.WriteString(env.From)
+	w.WriteByte('>')
+	if c.exts&clientExtSize != 0 {
+		w.WriteString(" SIZE=")
+		w.Write(strconv.AppendInt(c.num[:0], size, 10))
+	}
+	if env.Body8Bit {
+		w.WriteString(" BODY=8BITMIME")
+	}
+	if utf8 {
+		w.WriteString(" SMTPUTF8")
+	}
+	if c.exts&clientExtDSN != 0 {
+		if env.Ret != "" {
+			w.WriteString(" RET=")
+			w.WriteString(strings.ToUpper(env.Ret))
+		}
+		if env.EnvID != "" {
+			w.WriteString(" ENVID=")
+			clientWriteXtext(w, env.EnvID)
+		}
+	}
+	w.WriteString("\r\n")
+}
+
+// writeRcpt buffers the RCPT command for recipient i.
+func (c *ClientConn) writeRcpt(env *ClientEnvelope, i int) {
+	w := c.bw
+	w.WriteString("RCPT TO:<")
+	w.WriteString(env.Rcpts[i])
+	w.WriteByte('>')
+	if c.exts&clientExtDSN != 0 && env.RcptParams != nil && env.RcptParams[i] != "" {
+		w.WriteByte(' ')
+		w.WriteString(env.RcptParams[i])
+	}
+	w.WriteString("\r\n")
+}
+
+// clientWriteBody writes body as DATA content: dot-stuffed (RFC 5321
+// §4.5.2), every line ending (CRLF, bare LF, bare CR) as CRLF, a final CRLF
+// added when missing, then the terminating ".\r\n".
+func clientWriteBody(w *bufio.Writer, body []byte) {
+	for len(body) > 0 {
+		if body[0] == '.' {
+			w.WriteByte('.')
+		}
+		i := clientIndexEOL(body)
+		if i < 0 {
+			w.Write(body)
+			w.WriteString("\r\n")
+			break
+		}
+		w.Write(body[:i])
+		w.WriteString("\r\n")
+		if body[i] == '\r' && i+1 < len(body) && body[i+1] == '\n' {
+			i++
+		}
+		body = body[i+1:]
+	}
+	w.WriteString(".\r\n")
+}
+
+// clientIndexEOL returns the index of the first CR or LF in b, or -1.
+func clientIndexEOL(b []byte) int {
+	n := bytes.IndexByte(b, '\n')
+	head := b
+	if n >= 0 {
+		head = b[:n]
+	}
+	if r := bytes.IndexByte(head, '\r'); r >= 0 {
+		return r
+	}
+	return n
+}
+
+// clientWriteXtext writes s in xtext (RFC 3461 §4): printable ASCII other
+// than "+" and "=" as is, every other octet as "+XX".
+func clientWriteXtext(w *bufio.Writer, s string) {
+	const hex = "0123456789ABCDEF"
+	for i := 0; i < len(s); i++ {
+		b := s[i]
+		if b < '!' || b > '~' || b == '+' || b == '=' {
+			w.WriteByte('+')
+			w.WriteByte(hex[b>>4])
+			w.WriteByte(hex[b&15])
+			continue
+		}
+		w.WriteByte(b)
+	}
+}
+
+// clientCheckEnvelope rejects envelopes that cannot be written safely.
+func clientCheckEnvelope(env *ClientEnvelope) error {
+	if len(env.Rcpts) == 0 {
+		return fmt.Errorf("%w: no recipients", ErrClientEnvelope)
+	}
+	if strings.ContainsAny(env.From, "\r\n\x00<>") {
+		return fmt.Errorf("%w: bad reverse-path %q", ErrClientEnvelope, env.From)
+	}
+	for _, r := range env.Rcpts {
+		if r == "" || strings.ContainsAny(r, "\r\n\x00<>") {
+			return fmt.Errorf("%w: bad forward-path %q", ErrClientEnvelope, r)
+		}
+	}
+	if env.RcptParams != nil {
+		if len(env.RcptParams) != len(env.Rcpts) {
+			return fmt.Errorf("%w: %d RcptParams for %d recipients", ErrClientEnvelope, len(env.RcptParams), len(env.Rcpts))
+		}
+		for _, p := range env.RcptParams {
+			if strings.ContainsAny(p, "\r\n\x00") {
+				return fmt.Errorf("%w: bad RCPT parameters %q", ErrClientEnvelope, p)
+			}
+		}
+	}
+	switch strings.ToUpper(env.Ret) {
+	case "", "FULL", "HDRS":
+	default:
+		return fmt.Errorf("%w: RET must be FULL or HDRS, got %q", ErrClientEnvelope, env.Ret)
+	}
+	return nil
+}
+
+// clientNeedsUTF8 reports whether the transaction needs SMTPUTF8.
+func clientNeedsUTF8(env *ClientEnvelope) bool {
+	if env.SMTPUTF8 || !clientASCII(env.From) {
+		return true
+	}
+	for _, r := range env.Rcpts {
+		if !clientASCII(r) {
+			return true
+		}
+	}
+	return false
+}
+
+func clientASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
