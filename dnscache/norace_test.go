@@ -1,0 +1,5 @@
+//go:build !race
+
+package dnscache
+
+const raceEnabled = false
