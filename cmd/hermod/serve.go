@@ -1,0 +1,358 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/hermod-mta/hermod/engine"
+	"github.com/hermod-mta/hermod/netio"
+	"github.com/hermod-mta/hermod/spool"
+)
+
+func cmdServe(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ExitOnError)
+	cfgPath := fs.String("config", "", "TOML configuration file (default: embedded defaults)")
+	fs.Parse(args)
+	cfg, err := LoadConfig(*cfgPath)
+	if err != nil {
+		return err
+	}
+	level := new(slog.LevelVar)
+	lv, _ := parseLevel(cfg.Log.Level)
+	level.Set(lv)
+	log := newLogger(cfg.Log.Format, level)
+	d := &daemonState{cfgPath: *cfgPath, log: log, level: level}
+	return d.run(cfg)
+}
+
+func newLogger(format string, level *slog.LevelVar) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// daemonState holds what a reload may change.
+type daemonState struct {
+	cfgPath string
+	log     *slog.Logger
+	level   *slog.LevelVar
+	cfg     atomic.Pointer[Config]
+
+	store    *spool.Store
+	receiver *engine.Receiver
+	server   *netio.Server
+	healthy  atomic.Bool
+}
+
+func loadTLS(cfg netio.ServerConfig) (*tls.Config, error) {
+	if cfg.TLSCert == "" {
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+	if err != nil {
+		return nil, fmt.Errorf("smtp.tls_cert/tls_key: %w", err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
+}
+
+func (d *daemonState) run(cfg Config) error {
+	log := d.log
+	d.cfg.Store(&cfg)
+	tlsCfg, err := loadTLS(cfg.SMTP.ServerConfig)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.Spool.Dir, 0o750); err != nil {
+		return fmt.Errorf("spool.dir: %w", err)
+	}
+	store, err := spool.Open(cfg.Spool, log.With("component", "spool"))
+	if err != nil {
+		return err
+	}
+	d.store = store
+	defer func() {
+		if err := store.Close(); err != nil {
+			log.Error("closing spool", "err", err)
+		}
+	}()
+	st := store.Stats()
+	log.Info("spool open", "dir", cfg.Spool.Dir, "messages", st.Messages)
+
+	var elog *engine.EventLog
+	if cfg.Log.DeliveryLog != "" {
+		if cfg.Log.DeliveryLog != "-" {
+			_ = os.MkdirAll(filepath.Dir(cfg.Log.DeliveryLog), 0o750)
+		}
+		elog, err = engine.OpenEventLog(cfg.Log.DeliveryLog)
+		if err != nil {
+			return fmt.Errorf("log.delivery_log: %w", err)
+		}
+		defer elog.Close()
+	}
+
+	recv, err := engine.NewReceiver(cfg.SMTP.RelayConfig, engine.ReceiverOptions{
+		Hostname: cfg.Server.Hostname,
+		Store:    store,
+		Logger:   log.With("component", "receiver"),
+		Log:      elog,
+	})
+	if err != nil {
+		return err
+	}
+	d.receiver = recv
+
+	srv, err := netio.NewServer(cfg.SMTP.ServerConfig, recv, tlsCfg, log.With("component", "smtp"))
+	if err != nil {
+		return err
+	}
+	d.server = srv
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		store.Collector(),
+		recv.Collector(),
+		srv.Collector(),
+	)
+	var httpSrv *http.Server
+	if cfg.HTTP.Listen != "off" {
+		ln, err := net.Listen("tcp", cfg.HTTP.Listen)
+		if err != nil {
+			return fmt.Errorf("http.listen: %w", err)
+		}
+		httpSrv = &http.Server{Handler: d.httpHandler(reg), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server", "err", err)
+			}
+		}()
+	}
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve() }()
+	select {
+	case <-srv.Ready():
+	case err := <-serveErr:
+		return err
+	}
+	d.healthy.Store(true)
+	log.Info("hermod ready", "smtp", cfg.SMTP.Listen, "http", cfg.HTTP.Listen, "hostname", cfg.Server.Hostname)
+	_, _ = daemon.SdNotify(false, daemon.SdNotifyReady)
+	stopWatchdog := startWatchdog()
+	defer stopWatchdog()
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	for {
+		select {
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				_, _ = daemon.SdNotify(false, daemon.SdNotifyReloading)
+				d.reload()
+				_, _ = daemon.SdNotify(false, daemon.SdNotifyReady)
+				continue
+			}
+			log.Info("shutting down", "signal", sig.String())
+			_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+			d.healthy.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := srv.Shutdown(ctx)
+			if httpSrv != nil {
+				_ = httpSrv.Shutdown(ctx)
+			}
+			cancel()
+			<-serveErr
+			return err
+		case err := <-serveErr:
+			return fmt.Errorf("smtp server stopped: %w", err)
+		}
+	}
+}
+
+// startWatchdog pings systemd's watchdog when WATCHDOG_USEC is set.
+func startWatchdog() func() {
+	interval, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || interval == 0 {
+		return func() {}
+	}
+	stop := make(chan struct{})
+	go func() {
+		t := time.NewTicker(interval / 2)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				_, _ = daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+			case <-stop:
+				return
+			}
+		}
+	}()
+	return func() { close(stop) }
+}
+
+// reload re-reads the configuration file (SIGHUP). What can change live is
+// applied: log level, relay policy, TLS certificate. Other changes are
+// reported as needing a restart. An invalid file changes nothing.
+func (d *daemonState) reload() {
+	old := d.cfg.Load()
+	cfg, err := LoadConfig(d.cfgPath)
+	if err != nil {
+		d.log.Error("reload refused: configuration invalid, keeping the running one", "err", err)
+		return
+	}
+	tlsCfg, err := loadTLS(cfg.SMTP.ServerConfig)
+	if err != nil {
+		d.log.Error("reload refused", "err", err)
+		return
+	}
+	if err := d.receiver.SetPolicy(cfg.SMTP.RelayConfig); err != nil {
+		d.log.Error("reload refused", "err", err)
+		return
+	}
+	lv, _ := parseLevel(cfg.Log.Level)
+	d.level.Set(lv)
+	d.server.SetTLSConfig(tlsCfg)
+	// Keys that need a restart.
+	type pair struct {
+		name     string
+		old, new any
+	}
+	oldSrv, newSrv := old.SMTP.ServerConfig, cfg.SMTP.ServerConfig
+	oldSrv.TLSCert, oldSrv.TLSKey, newSrv.TLSCert, newSrv.TLSKey = "", "", "", ""
+	for _, p := range []pair{
+		{"server", old.Server, cfg.Server}, {"smtp", oldSrv, newSrv}, {"spool", old.Spool, cfg.Spool},
+		{"dns", old.DNS, cfg.DNS}, {"delivery", old.Delivery, cfg.Delivery}, {"http", old.HTTP, cfg.HTTP},
+		{"log.format", old.Log.Format, cfg.Log.Format}, {"log.delivery_log", old.Log.DeliveryLog, cfg.Log.DeliveryLog},
+	} {
+		if !reflect.DeepEqual(p.old, p.new) {
+			d.log.Warn("reload: changes to this section take effect at the next restart", "section", p.name)
+		}
+	}
+	d.cfg.Store(&cfg)
+	d.log.Info("configuration reloaded", "log_level", cfg.Log.Level, "relay_networks", cfg.SMTP.RelayNetworks,
+		"relay_domains", cfg.SMTP.RelayDomains, "starttls", tlsCfg != nil)
+}
+
+func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if !d.healthy.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /api/queue", func(w http.ResponseWriter, r *http.Request) {
+		limit := 1000
+		if s := r.URL.Query().Get("limit"); s != "" {
+			if n, err := strconv.Atoi(s); err == nil && n > 0 {
+				limit = n
+			}
+		}
+		list, err := queueList(d.store, limit)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		writeJSON(w, list)
+	})
+	mux.HandleFunc("GET /api/queue/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id, err := spool.ParseID(r.PathValue("id"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		m, err := d.store.Load(id)
+		if errors.Is(err, spool.ErrNotFound) {
+			http.Error(w, "no such message", http.StatusNotFound)
+			return
+		} else if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		writeJSON(w, toQueueEntry(m))
+	})
+	mux.HandleFunc("GET /api/stats", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, map[string]any{
+			"spool":    d.store.Stats(),
+			"receiver": d.receiver.Metrics(),
+			"smtp":     d.server.Metrics(),
+		})
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// QueueEntry is one message in the admin API and `hermod queue` output.
+type QueueEntry struct {
+	ID       string      `json:"id"`
+	From     string      `json:"from"`
+	Received time.Time   `json:"received"`
+	Size     int64       `json:"size"`
+	Rcpts    []QueueRcpt `json:"rcpts"`
+}
+
+// QueueRcpt is one recipient of a QueueEntry.
+type QueueRcpt struct {
+	Addr        string    `json:"addr"`
+	State       string    `json:"state"`
+	Attempts    uint32    `json:"attempts"`
+	NextAttempt time.Time `json:"next_attempt"`
+	LastReply   string    `json:"last_reply,omitempty"`
+}
+
+func toQueueEntry(m *spool.Message) QueueEntry {
+	e := QueueEntry{ID: m.ID.String(), From: m.From, Received: m.Received, Size: m.Size}
+	for _, r := range m.Rcpts {
+		e.Rcpts = append(e.Rcpts, QueueRcpt{Addr: r.Addr, State: r.State.String(), Attempts: r.Attempts, NextAttempt: r.NextAttempt, LastReply: r.LastReply})
+	}
+	return e
+}
+
+func queueList(st *spool.Store, limit int) ([]QueueEntry, error) {
+	list := []QueueEntry{}
+	err := st.Walk(func(m *spool.Message) bool {
+		list = append(list, toQueueEntry(m))
+		return len(list) < limit
+	})
+	return list, err
+}
