@@ -387,4 +387,4 @@ type benchBackend struct{}
 func (benchBackend) Connect(*ConnInfo) *smtperr.Error                      { return nil }
 func (benchBackend) Mail(*Envelope) *smtperr.Error                         { return nil }
 func (benchBackend) Rcpt(*Envelope, string) *smtperr.Error                 { return nil }
-func (benchBackend) Data(_ *Envelope, _ []byte, done func(*smtperr.Error)) { done(nil) }
+func (benchBackend) Data(_ *Envelope, _ []byte, done func(*smtperr.Error)) { done(replyOK) }
