@@ -488,8 +488,8 @@ func (c *Cache) hit(k key, now int64) *answer {
 
 // miss waits for the (shared) upstream lookup of k, or for ctx to end.
 func (c *Cache) miss(ctx context.Context, k key) (*answer, *Error) {
-	c.misses.Add(1)
 	ch := c.flights.DoChan(k.flightKey(), func() (any, error) { return c.refresh(k) })
+	c.misses.Add(1) // after joining the flight: tests rely on this order
 	select {
 	case r := <-ch:
 		if r.Err != nil {

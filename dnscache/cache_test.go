@@ -434,7 +434,7 @@ func TestSingleFlight(t *testing.T) {
 			errs <- err
 		})
 	}
-	// Every caller has missed the cache before the server answers.
+	// Every caller has joined the one flight, blocked in the server.
 	waitFor(t, "all callers to miss", func() bool { return c.Metrics().Misses == n })
 	close(gate)
 	wg.Wait()
@@ -598,7 +598,6 @@ func TestServeStale(t *testing.T) {
 
 	// Back to normal: fresh answers again.
 	s.drop.Store(false)
-	c.resolvers[0].downUntil.Store(0)
 	if _, err := c.Resolve(ctx, "stale.test"); err != nil {
 		t.Fatal(err)
 	}
@@ -779,7 +778,6 @@ func TestServFailAndRefused(t *testing.T) {
 	// With a second resolver, SERVFAIL and REFUSED move on to it.
 	c2 := newCache(t, s, clk, func(c *Config) { c.Resolvers = []string{s.addr, s2.addr} })
 	for _, n := range []string{"sf.test", "ref.test", "sf.test", "ref.test"} {
-		c2.cfg.MinTTL = 0
 		if _, err := c2.LookupMX(ctx, n); err != nil {
 			t.Fatalf("%s: %v", n, err)
 		}

@@ -61,6 +61,8 @@
 // # Concurrency
 //
 // All methods of *Cache are safe for concurrent use. The hit path takes one
-// shard read lock per name looked up and does not allocate beyond the Route
-// that Resolve returns.
+// shard read lock per name looked up (the MX name, then each host) and
+// allocates only the Route that Resolve returns; ResolveInto with a reused
+// Route, LookupIP and the hit checks allocate nothing. Misses, prefetches
+// and upstream queries allocate freely.
 package dnscache
