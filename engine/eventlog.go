@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"bufio"
 	"encoding/json"
 	"io"
 	"os"
@@ -13,19 +12,16 @@ import (
 
 // EventLog is the delivery log: one JSON object per line for each
 // reception (and, with the scheduler, each delivery, deferral, bounce and
-// expiry). Lines are buffered and flushed at least every flushEvery, so a
-// crash may lose the last fraction of a second of log lines but never a
-// message.
+// expiry). Each line is written with one write(2) as it happens, so a
+// crash of the process loses no line of an acknowledged message (a crash of
+// the machine may lose what the kernel had not written back).
 type EventLog struct {
 	mu     sync.Mutex
-	w      *bufio.Writer
+	w      io.Writer
 	c      io.Closer
-	stop   chan struct{}
-	done   chan struct{}
+	buf    []byte
 	closed bool
 }
-
-const flushEvery = 200 * time.Millisecond
 
 // OpenEventLog opens the log at path, appending; "-" is standard output.
 func OpenEventLog(path string) (*EventLog, error) {
@@ -41,47 +37,21 @@ func OpenEventLog(path string) (*EventLog, error) {
 
 // NewEventLog writes to w; c, when non-nil, is closed by Close.
 func NewEventLog(w io.Writer, c io.Closer) *EventLog {
-	l := &EventLog{w: bufio.NewWriterSize(w, 64<<10), c: c, stop: make(chan struct{}), done: make(chan struct{})}
-	go l.flusher()
-	return l
+	return &EventLog{w: w, c: c}
 }
 
-func (l *EventLog) flusher() {
-	defer close(l.done)
-	t := time.NewTicker(flushEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-t.C:
-			l.mu.Lock()
-			_ = l.w.Flush()
-			l.mu.Unlock()
-		case <-l.stop:
-			return
-		}
-	}
-}
-
-// Close flushes and closes the log.
+// Close closes the log.
 func (l *EventLog) Close() error {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	if l.closed {
-		l.mu.Unlock()
 		return nil
 	}
 	l.closed = true
-	l.mu.Unlock()
-	close(l.stop)
-	<-l.done
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	err := l.w.Flush()
 	if l.c != nil {
-		if cerr := l.c.Close(); err == nil {
-			err = cerr
-		}
+		return l.c.Close()
 	}
-	return err
+	return nil
 }
 
 func (l *EventLog) write(v any) {
@@ -91,8 +61,8 @@ func (l *EventLog) write(v any) {
 	}
 	l.mu.Lock()
 	if !l.closed {
-		_, _ = l.w.Write(b)
-		_ = l.w.WriteByte('\n')
+		l.buf = append(append(l.buf[:0], b...), '\n')
+		_, _ = l.w.Write(l.buf)
 	}
 	l.mu.Unlock()
 }

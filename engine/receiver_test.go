@@ -179,4 +179,3 @@ func TestReceiverEndToEnd(t *testing.T) {
 		t.Fatalf("metrics %+v", got)
 	}
 }
-
