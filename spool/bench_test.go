@@ -3,6 +3,7 @@ package spool
 import (
 	"fmt"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -60,5 +61,105 @@ func BenchmarkCommitParallel(b *testing.B) {
 			b.StopTimer()
 			reportSyncs(b, s, before, start, b.N)
 		})
+	}
+}
+
+// BenchmarkUpdate measures Update from 50 goroutines: each op delivers the
+// last recipient of a queued message, which removes it (a read of the
+// recipient records, then a synced removal). rangedel=true removes with one
+// DeleteRange instead of point SingleDeletes, to compare.
+func BenchmarkUpdate(b *testing.B) {
+	for _, rangeDel := range []bool{false, true} {
+		b.Run(fmt.Sprintf("rangedel=%t", rangeDel), func(b *testing.B) {
+			s := benchStore(b, defaultCommitWorkers)
+			s.removeWithRangeDel = rangeDel
+			ids := make([]ID, b.N)
+			body := testBody(0, 1024)
+			var wg sync.WaitGroup
+			var next atomic.Int64
+			for range committers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						i := int(next.Add(1)) - 1
+						if i >= b.N {
+							return
+						}
+						m := testMessage(i, "rcpt@example.test")
+						if err := s.CommitWait(m, body); err != nil {
+							b.Error(err)
+							return
+						}
+						ids[i] = m.ID
+					}
+				}()
+			}
+			wg.Wait()
+			next.Store(0)
+			b.SetParallelism((committers + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ReportAllocs()
+			before := s.Metrics()
+			start := time.Now()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					id := ids[next.Add(1)-1]
+					removed, err := s.Update(id, []Recipient{{Index: 0, State: Delivered, Attempts: 1}})
+					if err != nil || !removed {
+						b.Errorf("Update = %v, %v", removed, err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			reportSyncs(b, s, before, start, b.N)
+			if n := s.Stats().Messages; n != 0 {
+				b.Fatalf("%d messages left", n)
+			}
+		})
+	}
+}
+
+// parallel runs fn(i) for i in [0, n) on 50 goroutines.
+func parallel(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	for range committers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
+				fn(i)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// BenchmarkNextDueAfterChurn measures NextDue when the memtable holds the
+// deleted due entries of 20,000 delivered messages below 10 live ones.
+func BenchmarkNextDueAfterChurn(b *testing.B) {
+	s := benchStore(b, defaultCommitWorkers)
+	const churn = 20000
+	ids := make([]ID, churn)
+	parallel(churn, func(i int) {
+		m := testMessage(i, "r@x.test")
+		if err := s.CommitWait(m, nil); err != nil {
+			b.Error(err)
+		}
+		ids[i] = m.ID
+	})
+	parallel(churn-10, func(i int) {
+		if _, err := s.Update(ids[i], []Recipient{{Index: 0, State: Delivered}}); err != nil {
+			b.Error(err)
+		}
+	})
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if _, ok := s.NextDue(); !ok {
+			b.Fatal("no due entry")
+		}
 	}
 }

@@ -18,6 +18,7 @@ type writeReq struct {
 	body  []byte
 	batch *pebble.Batch
 	delta int64 // change of the message count once durable
+	due   int64 // due value of a due entry the write Sets; noDue if none
 	done  func(error)
 
 	finished atomic.Bool
@@ -114,6 +115,15 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) {
 	if len(ok) > 0 {
 		err = s.apply(b)
 		s.commitBatches.Add(1)
+		// Lower the due floor before anyone learns of the write (even a
+		// failed one may be visible: lowering is always safe).
+		low := int64(noDue)
+		for _, r := range ok {
+			low = min(low, r.due)
+		}
+		if low != noDue {
+			s.floor.lower(low)
+		}
 	}
 	if err == nil {
 		_ = b.Close()
@@ -200,6 +210,7 @@ func (s *Store) encodeCommit(w *worker, b *pebble.Batch, r *writeReq) error {
 	}
 	w.key = dueKey(w.key[:0], due, m.ID)
 	_ = b.Set(w.key, nil, nil)
+	r.due = due
 	return nil
 }
 
@@ -223,6 +234,9 @@ func (s *Store) prepareCommit(msg *Message, body []byte) error {
 	msg.Size = int64(len(body))
 	for i := range msg.Rcpts {
 		r := &msg.Rcpts[i]
+		if r.Addr == "" {
+			return fmt.Errorf("%w: recipient %d has no address", ErrInvalid, i)
+		}
 		r.Index = uint16(i)
 		if r.Domain == "" {
 			r.Domain = domainOf(r.Addr)
@@ -263,7 +277,7 @@ func (s *Store) Commit(msg *Message, body []byte, done func(error)) {
 		go done(err)
 		return
 	}
-	s.enqueue(&writeReq{msg: msg, body: body, delta: 1, done: done})
+	s.enqueue(&writeReq{msg: msg, body: body, delta: 1, due: noDue, done: done})
 }
 
 // CommitWait is Commit that waits for the result.
@@ -297,10 +311,11 @@ func (s *Store) enqueue(r *writeReq) {
 	}
 }
 
-// write commits b (synced, grouped) and waits for the result.
-func (s *Store) write(b *pebble.Batch, delta int64) error {
+// write commits b (synced, grouped) and waits for the result. due is the
+// due value of the due entry b Sets, or noDue.
+func (s *Store) write(b *pebble.Batch, delta, due int64) error {
 	ch := make(chan error, 1)
-	s.enqueue(&writeReq{batch: b, delta: delta, done: func(err error) { ch <- err }})
+	s.enqueue(&writeReq{batch: b, delta: delta, due: due, done: func(err error) { ch <- err }})
 	return <-ch
 }
 
@@ -444,13 +459,15 @@ func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed 
 	if hadDue && (!pending || newDue != oldDue) {
 		_ = b.SingleDelete(dueKey(k[:0], oldDue, id), nil)
 	}
+	setDue := int64(noDue)
 	if pending && (!hadDue || newDue != oldDue) {
 		_ = b.Set(dueKey(k[:0], newDue, id), nil, nil)
+		setDue = newDue
 	}
 	if b.Empty() {
 		return false, nil
 	}
-	if err := s.write(b, delta); err != nil {
+	if err := s.write(b, delta, setDue); err != nil {
 		return false, err
 	}
 	if !pending {

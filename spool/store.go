@@ -73,6 +73,7 @@ type Store struct {
 	failedCh chan struct{}
 
 	idLocks [idLockStripes]sync.Mutex
+	floor   dueFloor
 
 	messages      atomic.Int64
 	diskBytes     atomic.Uint64
@@ -440,25 +441,40 @@ func (s *Store) DueAfter(after time.Time, afterID ID, before time.Time, fn func(
 		return ErrClosed
 	}
 	defer s.exit()
-	lower := []byte{prefixDue}
+	// Start at the due floor: below it are only deleted entries, which an
+	// iterator would have to step over one by one.
+	floor, gen := s.floor.get()
+	lowerKey := dueKey(make([]byte, 0, dueKeyLen), floor, ID{})
 	from := !after.IsZero() || !afterID.IsZero()
-	if from {
-		lower = dueKey(nil, dueNanos(after), afterID)
+	afterKey := dueKey(nil, dueNanos(after), afterID)
+	if from && bytes.Compare(afterKey, lowerKey) > 0 {
+		lowerKey = afterKey
 	}
-	upper := []byte{prefixDue + 1}
+	upper := int64(math.MaxInt64)
+	upperKey := []byte{prefixDue + 1}
 	if b := dueNanos(before); b < math.MaxInt64 {
-		upper = dueKey(nil, b+1, ID{})[:9]
+		upper = b + 1
+		upperKey = dueKey(nil, upper, ID{})[:9]
 	}
-	if bytes.Compare(lower, upper) >= 0 {
+	if bytes.Compare(lowerKey, upperKey) >= 0 {
 		return nil
 	}
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lowerKey, UpperBound: upperKey})
 	if err != nil {
 		return fmt.Errorf("spool: due: %w", err)
 	}
 	defer it.Close()
 	ok := it.First()
-	if ok && from && bytes.Equal(it.Key(), lower) {
+	if !from {
+		// The first live entry (or the end of the range) bounds every
+		// live entry from below.
+		first := upper
+		if ok {
+			first, _, _ = parseDueKey(it.Key())
+		}
+		s.floor.raise(gen, first)
+	}
+	if ok && from && bytes.Equal(it.Key(), afterKey) {
 		ok = it.Next()
 	}
 	for ; ok; ok = it.Next() {
@@ -474,6 +490,48 @@ func (s *Store) DueAfter(after time.Time, afterID ID, before time.Time, fn func(
 		return fmt.Errorf("spool: due: %w", err)
 	}
 	return nil
+}
+
+// noDue is the due value meaning "no due entry".
+const noDue = math.MaxInt64
+
+// dueFloor is a lower bound of the due values of all live due entries, so
+// that scans of the due index can skip the deleted entries below it (a
+// memtable full of delivered messages holds many Set+SingleDelete pairs
+// that every scan from the start would step over).
+//
+// Writes lower it after their batch is applied and before they are
+// reported done; a scan raises it to the first entry it found only if no
+// write that sets a due entry completed since the scan read the floor
+// (gen). A write applied after the scan's snapshot either completes before
+// the raise (gen changed: no raise) or lowers the floor after it; so the
+// floor is never above a live entry once its writer has been told it is
+// durable.
+type dueFloor struct {
+	mu    sync.Mutex
+	floor int64
+	gen   uint64
+}
+
+func (f *dueFloor) get() (floor int64, gen uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.floor, f.gen
+}
+
+func (f *dueFloor) lower(due int64) {
+	f.mu.Lock()
+	f.floor = min(f.floor, due)
+	f.gen++
+	f.mu.Unlock()
+}
+
+func (f *dueFloor) raise(gen uint64, due int64) {
+	f.mu.Lock()
+	if f.gen == gen && due > f.floor {
+		f.floor = due
+	}
+	f.mu.Unlock()
 }
 
 // NextDue returns the earliest due time of any queued message; ok is false
