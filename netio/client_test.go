@@ -124,12 +124,16 @@ func (p *clientPeer) peekAll() []byte {
 	return b
 }
 
-// waitClose reads until the client closes the connection.
+// waitClose reads until the client closes the connection, and reports an
+// error if the peer's own deadline ended the wait instead.
 func (p *clientPeer) waitClose() {
 	b := make([]byte, 512)
 	for i := 0; i < 1000; i++ {
 		n, err := p.r.Read(b)
 		p.got.Write(b[:n])
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			p.t.Errorf("peer: the client did not close the connection")
+		}
 		if err != nil {
 			return
 		}
