@@ -123,8 +123,9 @@ func (m *TLSMode) UnmarshalText(b []byte) error {
 	return nil
 }
 
-// ClientConfig configures outbound connections. It is the [client] table of
-// the daemon's configuration file. Dial works on its own copy.
+// ClientConfig configures outbound connections. The daemon embeds it in the
+// [delivery] table of its configuration file (engine.DeliveryConfig), so its
+// keys sit in that table. Dial works on its own copy.
 type ClientConfig struct {
 	// Hostname is the name sent with EHLO and HELO. An IP address is sent
 	// as an address literal ([192.0.2.1], [IPv6:2001:db8::1]).
@@ -216,11 +217,11 @@ func clientDefaultDuration(d *time.Duration, def time.Duration) {
 }
 
 // Validate reports every invalid field at once. Key names are those of the
-// [client] table.
+// [delivery] table, which embeds these keys.
 func (c ClientConfig) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("client.%s: %s", key, fmt.Sprintf(format, args...)))
+		errs = append(errs, fmt.Errorf("delivery.%s: %s", key, fmt.Sprintf(format, args...)))
 	}
 	switch {
 	case c.Hostname == "":
@@ -403,6 +404,7 @@ func (c *ClientConn) open() error {
 	}
 	if c.exts&clientExtStartTLS == 0 {
 		if c.cfg.TLS == TLSRequired {
+			c.bestEffortQuit()
 			return fmt.Errorf("%w: %w", ErrClientTLS,
 				smtperr.New(421, "4.7.10", "TLS is required but %s does not offer STARTTLS", c.mx))
 		}
@@ -481,6 +483,9 @@ func (c *ClientConn) startTLS() error {
 	}
 	if rep.Code != 220 {
 		if rep.Code == 421 || c.cfg.TLS == TLSRequired {
+			if rep.Code != 421 {
+				c.bestEffortQuit()
+			}
 			return fmt.Errorf("%w: %w", ErrClientTLS,
 				smtperr.New(421, "4.7.10", "TLS is required but %s refused STARTTLS: %v", c.mx, rep))
 		}

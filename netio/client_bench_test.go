@@ -46,7 +46,11 @@ func clientSinkServe(conn net.Conn, ehlo string) {
 		if err != nil || len(line) < 4 {
 			return
 		}
-		switch string(bytes.ToUpper(line[:4])) {
+		var verb [4]byte
+		for i := range verb {
+			verb[i] = line[i] &^ 0x20 // upper case for letters
+		}
+		switch string(verb[:]) {
 		case "EHLO":
 			w.WriteString(ehlo)
 		case "DATA":

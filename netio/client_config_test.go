@@ -44,12 +44,12 @@ func TestClientConfigValidate(t *testing.T) {
 	if err == nil {
 		t.Fatal("no error")
 	}
-	for _, key := range []string{"client.hostname", "client.port", "client.tls", "client.mail_timeout", "client.data_term_timeout"} {
+	for _, key := range []string{"delivery.hostname", "delivery.port", "delivery.tls", "delivery.mail_timeout", "delivery.data_term_timeout"} {
 		if !strings.Contains(err.Error(), key) {
 			t.Errorf("error does not mention %s: %v", key, err)
 		}
 	}
-	if strings.Contains(err.Error(), "client.rcpt_timeout") {
+	if strings.Contains(err.Error(), "delivery.rcpt_timeout") {
 		t.Errorf("error mentions a valid key: %v", err)
 	}
 }

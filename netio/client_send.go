@@ -69,6 +69,9 @@ type SendResult struct {
 	Data *smtperr.Error
 	// Timing says where the time went.
 	Timing ClientTiming
+
+	// one backs Rcpts for a single recipient, saving an allocation.
+	one [1]*smtperr.Error
 }
 
 // Outcome returns the reply that decides the fate of recipient i: its RCPT
@@ -146,7 +149,12 @@ func (c *ClientConn) Send(ctx context.Context, env *ClientEnvelope, body []byte)
 
 // send runs the transaction; Send has checked the envelope.
 func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 bool) (*SendResult, error) {
-	res := &SendResult{Rcpts: make([]*smtperr.Error, len(env.Rcpts))}
+	res := &SendResult{}
+	if len(env.Rcpts) == 1 {
+		res.Rcpts = res.one[:]
+	} else {
+		res.Rcpts = make([]*smtperr.Error, len(env.Rcpts))
+	}
 	start := time.Now()
 	pipe := c.exts&clientExtPipelining != 0
 	c.wtimeout = c.cfg.MailTimeout

@@ -882,6 +882,7 @@ func TestClientStartTLSScripted(t *testing.T) {
 	t.Run("required, not offered", func(t *testing.T) {
 		addr, wait := clientScript(t, func(p *clientPeer) {
 			p.hello("PIPELINING")
+			p.expect("QUIT\r\n")
 			p.waitClose()
 		})
 		cfg := clientTestConfig()
@@ -900,6 +901,7 @@ func TestClientStartTLSScripted(t *testing.T) {
 			p.hello("STARTTLS")
 			p.expect("STARTTLS\r\n")
 			p.send("454 4.7.0 TLS not available")
+			p.expect("QUIT\r\n")
 			p.waitClose()
 		})
 		cfg := clientTestConfig()
