@@ -606,6 +606,10 @@ func (w *worker) run(ctx context.Context) {
 			cur = w.prepare(j)
 		}
 		if w.conn == nil {
+			if ctx.Err() != nil {
+				w.finish(cur, 0, false) // started, never answered
+				break
+			}
 			if err := w.connect(ctx); err != nil {
 				code := 0
 				var re *replyError
