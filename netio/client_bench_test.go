@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 )
 
 // clientSink starts a fast SMTP sink on 127.0.0.1: it accepts everything,
@@ -37,6 +38,8 @@ func clientSink(tb testing.TB, pipelining bool) netip.AddrPort {
 
 func clientSinkServe(conn net.Conn, ehlo string) {
 	defer conn.Close()
+	// Bounds the loops below: the sink serves one benchmark run at most.
+	conn.SetDeadline(time.Now().Add(5 * time.Minute))
 	r := bufio.NewReaderSize(conn, 64<<10)
 	w := bufio.NewWriterSize(conn, 4<<10)
 	w.WriteString("220 sink ESMTP\r\n")

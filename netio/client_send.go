@@ -99,7 +99,9 @@ var ErrClientEnvelope = errors.New("netio: client: invalid envelope")
 //
 // When the server offers PIPELINING, MAIL, all RCPT and DATA are written at
 // once and the replies read in order (RFC 2920); otherwise each command
-// waits for its reply. SIZE=, BODY=8BITMIME, SMTPUTF8, RET=, ENVID= and the
+// waits for its reply. (The replies to a pipelined group wait in the socket
+// buffers until the group is written: that holds thousands of recipients,
+// far more than the hundred RFC 5321 §4.5.3.1.8 asks servers to take.) SIZE=, BODY=8BITMIME, SMTPUTF8, RET=, ENVID= and the
 // RcptParams are sent when offered and needed. If a pipelined DATA gets 354
 // although no recipient was accepted, the client sends only the final dot
 // (RFC 2920 §3.1).
