@@ -163,3 +163,43 @@ func BenchmarkNextDueAfterChurn(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkEncodeDecode encodes and decodes an envelope with two recipient
+// records and a 1 KiB body with each codec.
+func BenchmarkEncodeDecode(b *testing.B) {
+	m := sampleMessage()
+	m.Rcpts = m.Rcpts[:2]
+	r := sampleRecipient()
+	body := testBody(1, 1024)
+	for _, name := range []string{CompressionS2, CompressionZstd, CompressionNone} {
+		b.Run(name, func(b *testing.B) {
+			c, err := newBodyCodec(name)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.close()
+			var buf []byte
+			b.ReportAllocs()
+			b.SetBytes(int64(len(body)))
+			for range b.N {
+				buf = appendEnvelope(buf[:0], m)
+				if _, _, err := decodeEnvelope(buf); err != nil {
+					b.Fatal(err)
+				}
+				for range 2 {
+					buf = appendRecipient(buf[:0], &r)
+					if _, err := decodeRecipient(buf); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if buf, err = c.appendBody(buf[:0], body); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.decodeBody(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(len(buf)), "stored-body-bytes")
+		})
+	}
+}

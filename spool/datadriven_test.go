@@ -180,7 +180,9 @@ func TestDataDriven(t *testing.T) {
 		defer func() { _ = e.s.Close() }()
 		datadriven.RunTest(t, path, func(t *testing.T, td *datadriven.TestData) string {
 			e.t = t
-			return e.run(td)
+			out := e.run(td)
+			checkInvariants(t, e.s)
+			return out
 		})
 	})
 }

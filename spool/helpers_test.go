@@ -3,7 +3,9 @@ package spool
 import (
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -61,11 +63,27 @@ func testMessage(i int, rcpts ...string) *Message {
 	return m
 }
 
+var testWords = strings.Fields(`the of and to in is that for it as was with be by on not he this are or
+	his from at which but have an they you were her she there been one all we their has would when if so no
+	will more can out up about into them some time could than other only then its also after first two like
+	delivery message queue server mail relay domain spool report header subject received invoice meeting`)
+
+// testBody returns size bytes of mail-like text (headers, then lines of
+// words chosen by a PRNG seeded with i): it compresses about like mail.
 func testBody(i, size int) []byte {
-	b := make([]byte, size)
-	line := fmt.Sprintf("Subject: message %d\r\n\r\nThis is line of body text number %d. ", i, i)
-	for j := range b {
-		b[j] = line[j%len(line)]
+	rng := rand.New(rand.NewPCG(uint64(i), 42))
+	b := fmt.Appendf(make([]byte, 0, size+16), "Subject: message %d\r\nMessage-ID: <%d.%d@example.test>\r\n\r\n", i, i, rng.Uint64())
+	col := 0
+	for len(b) < size {
+		w := testWords[rng.IntN(len(testWords))]
+		b = append(b, w...)
+		col += len(w) + 1
+		if col > 70 {
+			b = append(b, '\r', '\n')
+			col = 0
+		} else {
+			b = append(b, ' ')
+		}
 	}
-	return b
+	return b[:size]
 }
