@@ -139,7 +139,7 @@ func TestConcurrentCommitUpdate(t *testing.T) {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(g), 1))
 			for i := range perG {
-				m := testMessage(g*perG+i)
+				m := testMessage(g*perG + i)
 				nr := 1 + rng.IntN(3)
 				for r := range nr {
 					m.Rcpts = append(m.Rcpts, Recipient{Addr: fmt.Sprintf("r%d@d%d.test", r, rng.IntN(5))})
