@@ -88,3 +88,28 @@ func (l *EventLog) Received(m *spool.Message, size int, tls bool, commit time.Du
 		Size: size, ClientIP: m.ClientIP, Helo: m.Helo, TLS: tls, CommitMS: float64(commit.Microseconds()) / 1000,
 	})
 }
+
+// DeliveryRecord is the log line of one recipient's delivery attempt
+// outcome: delivered, deferred, bounced or expired.
+type DeliveryRecord struct {
+	Time        time.Time `json:"time"`
+	Event       string    `json:"event"`
+	MsgID       string    `json:"msg_id"`
+	Rcpt        string    `json:"rcpt"`
+	Domain      string    `json:"domain"`
+	MX          string    `json:"mx,omitempty"`
+	IP          string    `json:"ip,omitempty"`
+	Reply       string    `json:"reply"`
+	TLS         bool      `json:"tls"`
+	Attempt     uint32    `json:"attempt"`
+	NextAttempt time.Time `json:"next_attempt,omitzero"`
+	// Delay is the time since acceptance, in seconds.
+	Delay float64 `json:"delay"`
+	// Delays splits the attempt like Postfix's delays=a/b/c/d: time in the
+	// ready queue before the attempt, DNS, connection setup (connect,
+	// greeting, EHLO, TLS), transmission; seconds.
+	Delays string `json:"delays,omitempty"`
+}
+
+// Delivery logs one delivery outcome.
+func (l *EventLog) Delivery(r DeliveryRecord) { l.write(r) }

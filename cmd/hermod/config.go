@@ -85,6 +85,9 @@ func (c *Config) EnsureDefaults() {
 	c.SMTP.RelayConfig.EnsureDefaults()
 	c.Spool.EnsureDefaults()
 	c.DNS.EnsureDefaults()
+	if c.Delivery.Hostname == "" {
+		c.Delivery.Hostname = c.Server.Hostname
+	}
 	c.Delivery.EnsureDefaults()
 	if c.HTTP.Listen == "" {
 		c.HTTP.Listen = "127.0.0.1:8025"

@@ -93,8 +93,21 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// deadDNS points the daemon's resolver at a loopback port where nothing
+// answers: every lookup fails temporarily, so queued mail stays queued and
+// nothing ever leaves the machine.
+const deadDNS = `[dns]
+resolvers = ["127.0.0.1:9"]
+timeout = "200ms"
+attempts = 1
+[delivery]
+port = 9
+`
+
 // writeConfig writes a configuration for a daemon in dir and returns it.
-func writeConfig(t *testing.T, dir, extra string) *hermodProc {
+// smtpExtra is added to the [smtp] table; tail (deadDNS when empty) ends
+// the file.
+func writeConfig(t *testing.T, dir, smtpExtra, tail string) *hermodProc {
 	t.Helper()
 	d := &hermodProc{t: t, smtp: freeAddr(t), http: freeAddr(t), dir: dir, cfg: filepath.Join(dir, "hermod.toml")}
 	cfg := fmt.Sprintf(`[server]
@@ -109,7 +122,11 @@ listen = %q
 [log]
 delivery_log = %q
 level = "debug"
-`, d.smtp, extra, filepath.Join(dir, "spool"), d.http, filepath.Join(dir, "delivery.log"))
+`, d.smtp, smtpExtra, filepath.Join(dir, "spool"), d.http, filepath.Join(dir, "delivery.log"))
+	if tail == "" {
+		tail = deadDNS
+	}
+	cfg += tail
 	if err := os.WriteFile(d.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -235,7 +252,7 @@ func TestE2EClientsAndCrashRecovery(t *testing.T) {
 	}
 	dir := t.TempDir()
 	cert, key := writeCert(t, dir)
-	d := writeConfig(t, dir, fmt.Sprintf("tls_cert = %q\ntls_key = %q", cert, key))
+	d := writeConfig(t, dir, fmt.Sprintf("tls_cert = %q\ntls_key = %q", cert, key), "")
 	d.start()
 
 	var ids []string
@@ -356,7 +373,7 @@ func TestE2EReloadAndRelayPolicy(t *testing.T) {
 		t.Skip("end-to-end")
 	}
 	dir := t.TempDir()
-	d := writeConfig(t, dir, `relay_networks = ["192.0.2.0/24"]`)
+	d := writeConfig(t, dir, `relay_networks = ["192.0.2.0/24"]`, "")
 	d.start()
 	rcpt := func() string {
 		c, err := net.Dial("tcp", d.smtp)

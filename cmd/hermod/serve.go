@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/hermod-mta/hermod/dnscache"
 	"github.com/hermod-mta/hermod/engine"
 	"github.com/hermod-mta/hermod/netio"
 	"github.com/hermod-mta/hermod/spool"
@@ -64,6 +65,7 @@ type daemonState struct {
 
 	store    *spool.Store
 	receiver *engine.Receiver
+	sched    *engine.Scheduler
 	server   *netio.Server
 	healthy  atomic.Bool
 }
@@ -114,11 +116,37 @@ func (d *daemonState) run(cfg Config) error {
 		defer elog.Close()
 	}
 
+	resolver, err := dnscache.New(cfg.DNS, log.With("component", "dns"))
+	if err != nil {
+		return err
+	}
+	defer resolver.Close()
+	sched, err := engine.NewScheduler(cfg.Delivery, engine.SchedulerOptions{
+		Store:    store,
+		Resolver: resolver,
+		Hostname: cfg.Server.Hostname,
+		Logger:   log.With("component", "scheduler"),
+		Log:      elog,
+	})
+	if err != nil {
+		return err
+	}
+	d.sched = sched
+	sched.Start()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := sched.Stop(ctx); err != nil {
+			log.Error("stopping the scheduler", "err", err)
+		}
+	}()
+
 	recv, err := engine.NewReceiver(cfg.SMTP.RelayConfig, engine.ReceiverOptions{
 		Hostname: cfg.Server.Hostname,
 		Store:    store,
 		Logger:   log.With("component", "receiver"),
 		Log:      elog,
+		Accepted: sched.Enqueue,
 	})
 	if err != nil {
 		return err
@@ -136,6 +164,8 @@ func (d *daemonState) run(cfg Config) error {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		store.Collector(),
+		resolver.Collector(),
+		sched.Collector(),
 		recv.Collector(),
 		srv.Collector(),
 	)
@@ -307,10 +337,19 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 	})
 	mux.HandleFunc("GET /api/stats", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, map[string]any{
-			"spool":    d.store.Stats(),
-			"receiver": d.receiver.Metrics(),
-			"smtp":     d.server.Metrics(),
+			"spool":     d.store.Stats(),
+			"receiver":  d.receiver.Metrics(),
+			"smtp":      d.server.Metrics(),
+			"scheduler": d.sched.Metrics(),
 		})
+	})
+	// Top-N destinations (Postfix's qshape, live): busiest first.
+	mux.HandleFunc("GET /api/domains", func(w http.ResponseWriter, r *http.Request) {
+		n := 20
+		if v, err := strconv.Atoi(r.URL.Query().Get("n")); err == nil && v > 0 {
+			n = v
+		}
+		writeJSON(w, d.sched.TopDomains(n))
 	})
 	return mux
 }

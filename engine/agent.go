@@ -1,0 +1,350 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/hermod-mta/hermod/dnscache"
+	"github.com/hermod-mta/hermod/internal/smtperr"
+	"github.com/hermod-mta/hermod/netio"
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// attemptResult is what an agent tells the loop about a finished job.
+type attemptResult struct {
+	delivered, deferred, bounced int
+	destFail                     bool   // no MX could be reached (or DNS failed temporarily)
+	lastReply                    string // for the destination's status
+}
+
+var (
+	errNullMX = smtperr.New(556, "5.1.10", "recipient domain publishes a null MX (RFC 7505): it accepts no mail")
+	errNoMX   = smtperr.New(451, "4.4.1", "no mail exchanger could be reached")
+)
+
+// runAgent is one outbound connection: it delivers jobs to its destination
+// until the loop answers nil.
+func (s *Scheduler) runAgent(a *agent, j *job) {
+	defer s.agentWG.Done()
+	for j != nil {
+		res := s.attempt(a, j)
+		s.events <- evDone{a: a, j: j, res: res}
+		j = <-a.next
+	}
+	if a.conn != nil {
+		_ = a.conn.Quit()
+		a.conn = nil
+	}
+	s.events <- evAgentExit{a}
+}
+
+// delivery is what one attempt learned, for the logs.
+type delivery struct {
+	mx, ip          string
+	tls             bool
+	queue, dns, con time.Duration
+	xmit            time.Duration
+}
+
+// attempt runs one transaction for j (connecting first when needed) and
+// writes every recipient's outcome to the spool before returning.
+func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
+	start := s.now()
+	msg := j.e.msg
+	dv := delivery{queue: start.Sub(j.ready)}
+	if j.ready.IsZero() || dv.queue < 0 {
+		dv.queue = 0
+	}
+	if a.conn != nil && !a.conn.Usable() {
+		_ = a.conn.Close()
+		a.conn = nil
+	}
+	if a.conn != nil {
+		if err := a.conn.Reset(s.ctx); err != nil {
+			_ = a.conn.Close()
+			a.conn = nil
+		}
+	}
+	if a.conn == nil {
+		reply, destFail, perm := s.connect(a, j, &dv)
+		if a.conn == nil {
+			class := outDeferred
+			if perm {
+				class = outBounced
+			}
+			return s.record(j, a, allSame(len(j.rcpts), class, reply), destFail, &dv)
+		}
+	} else {
+		dv.mx = a.mx
+		dv.ip = a.conn.RemoteAddr().Addr().String()
+		_, _, _, dv.tls = a.conn.TLSInfo()
+	}
+
+	body, err := s.st.Body(msg.ID)
+	if err != nil {
+		if errors.Is(err, spool.ErrNotFound) {
+			// Removed meanwhile (admin delete): nothing to do.
+			return &attemptResult{}
+		}
+		return s.record(j, a, allSame(len(j.rcpts), outDeferred, smtperr.New(451, "4.3.0", "local error reading the queued message: %v", err)), false, &dv)
+	}
+	env := &netio.ClientEnvelope{From: msg.From, Size: int64(len(body)), Body8Bit: msg.Body8Bit, SMTPUTF8: msg.SMTPUTF8, EnvID: msg.EnvID, Ret: msg.Ret}
+	for _, i := range j.rcpts {
+		env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
+	}
+	t0 := s.now()
+	sr, err := a.conn.Send(s.ctx, env, body)
+	dv.xmit = s.now().Sub(t0)
+	a.sent++
+	outs := make([]rcptOutcome, len(j.rcpts))
+	for k := range j.rcpts {
+		var reply *smtperr.Error
+		if sr != nil && len(sr.Rcpts) == len(j.rcpts) {
+			reply = sr.Outcome(k)
+		}
+		outs[k].class, outs[k].reply = classify(reply, err)
+	}
+	if err != nil && !a.conn.Usable() {
+		_ = a.conn.Close()
+		a.conn = nil
+	}
+	return s.record(j, a, outs, false, &dv)
+}
+
+type rcptOutcome struct {
+	class outcomeClass
+	reply *smtperr.Error
+}
+
+func allSame(n int, class outcomeClass, reply *smtperr.Error) []rcptOutcome {
+	outs := make([]rcptOutcome, n)
+	for i := range outs {
+		outs[i] = rcptOutcome{class, reply}
+	}
+	return outs
+}
+
+// connect resolves the destination and dials its MX hosts in preference
+// order (each address of a host, then the next host) until one answers.
+// With no connection it returns the reply to record, whether the whole
+// destination failed, and whether the failure is permanent.
+func (s *Scheduler) connect(a *agent, j *job, dv *delivery) (*smtperr.Error, bool, bool) {
+	domain := j.d.name
+	t0 := s.now()
+	route, err := s.opt.Resolver.Resolve(s.ctx, domain)
+	dv.dns = s.now().Sub(t0)
+	if err != nil {
+		if dnscache.IsPermanent(err) {
+			return smtperr.Classify(err), false, true
+		}
+		return smtperr.Classify(err), true, false
+	}
+	if route.NullMX {
+		return errNullMX, false, true
+	}
+	t1 := s.now()
+	defer func() { dv.con = s.now().Sub(t1) }()
+	var last *smtperr.Error
+	for _, h := range route.Hosts {
+		if h.Err != nil {
+			last = smtperr.New(451, "4.4.3", "%s: %v", h.Name, h.Err)
+			continue
+		}
+		for _, ip := range h.Addrs {
+			if s.ctx.Err() != nil {
+				return smtperr.New(451, "4.3.2", "delivery interrupted by shutdown"), false, false
+			}
+			c, err := netio.Dial(s.ctx, &s.cfg.ClientConfig, h.Name, netip.AddrPortFrom(ip, uint16(s.cfg.Port)))
+			if err != nil {
+				last = smtperr.Classify(err)
+				if last.Code == 451 && last.Enhanced == "4.3.0" {
+					last = smtperr.New(451, "4.4.1", "%s[%s]: %v", h.Name, ip, err)
+				} else {
+					last = smtperr.New(last.Code, last.Enhanced, "%s[%s] said: %s", h.Name, ip, last.Message)
+				}
+				continue
+			}
+			a.conn, a.mx, a.sent = c, h.Name, 0
+			dv.mx, dv.ip = h.Name, ip.String()
+			_, _, _, dv.tls = c.TLSInfo()
+			return nil, false, false
+		}
+	}
+	if last == nil {
+		last = errNoMX
+	}
+	// Whatever the hosts said, failing to open any session is temporary
+	// for the destination (RFC 5321 §5.1: try the other hosts, then later).
+	if last.Permanent() {
+		last = smtperr.New(451, "4.4.1", "all mail exchangers refused service: %s", last.Message)
+	}
+	return last, true, false
+}
+
+// record writes the outcome of every recipient of j to the spool (bounce
+// first, then the recipient records), then logs it.
+func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, dv *delivery) *attemptResult {
+	now := s.now()
+	msg := j.e.msg
+	res := &attemptResult{destFail: destFail}
+	updates := make([]spool.Recipient, len(j.rcpts))
+	events := make([]string, len(j.rcpts))
+	var failed []int
+	// Jobs of one message to several domains finish concurrently: one at a
+	// time updates the message.
+	j.e.mu.Lock()
+	defer j.e.mu.Unlock()
+	for k, i := range j.rcpts {
+		r := msg.Rcpts[i]
+		reply := outs[k].reply
+		nr, class, expired := transition(&s.cfg, msg, r, outs[k].class, reply.Error(), now, a.rand.Float64())
+		updates[k] = nr
+		msg.Rcpts[i] = nr
+		switch {
+		case class == outDelivered:
+			res.delivered++
+			events[k] = "delivered"
+		case expired:
+			res.bounced++
+			events[k] = "expired"
+			failed = append(failed, k)
+		case class == outBounced:
+			res.bounced++
+			events[k] = "bounced"
+			failed = append(failed, k)
+		default:
+			res.deferred++
+			events[k] = "deferred"
+		}
+		res.lastReply = reply.Error()
+	}
+	if len(failed) > 0 {
+		s.bounce(msg, j, updates, failed, dv, now)
+	}
+	if _, err := s.st.Update(msg.ID, updates); err != nil {
+		// The outcome is not durable: the recipients stay pending in the
+		// spool and will be tried again (at least once, never lost).
+		s.log.Error("recording delivery outcome", "msg_id", msg.ID.String(), "err", err)
+	}
+	for k, i := range j.rcpts {
+		r := updates[k]
+		s.m.outcome(events[k])
+		if events[k] == "delivered" {
+			s.m.latency.Observe(now.Sub(msg.Received).Seconds())
+		}
+		if s.opt.Log != nil {
+			s.opt.Log.Delivery(DeliveryRecord{
+				Time: now.UTC(), Event: events[k], MsgID: msg.ID.String(), Rcpt: msg.Rcpts[i].Addr, Domain: j.d.name,
+				MX: dv.mx, IP: dv.ip, Reply: r.LastReply, TLS: dv.tls, Attempt: r.Attempts,
+				NextAttempt: nextAttempt(r), Delay: now.Sub(msg.Received).Seconds(),
+				Delays: fmt.Sprintf("%.3f/%.3f/%.3f/%.3f", dv.queue.Seconds(), dv.dns.Seconds(), dv.con.Seconds(), dv.xmit.Seconds()),
+			})
+		}
+	}
+	return res
+}
+
+func nextAttempt(r spool.Recipient) time.Time {
+	if r.State == spool.Pending {
+		return r.NextAttempt.UTC()
+	}
+	return time.Time{}
+}
+
+// suspendJob defers a job's recipients of a backed-off destination.
+func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
+	msg := j.e.msg
+	j.e.mu.Lock()
+	defer j.e.mu.Unlock()
+	updates := make([]spool.Recipient, len(j.rcpts))
+	var expired []int
+	for k, i := range j.rcpts {
+		nr, exp := suspend(&s.cfg, msg, msg.Rcpts[i], now, until, reason)
+		updates[k] = nr
+		msg.Rcpts[i] = nr
+		if exp {
+			expired = append(expired, k)
+		}
+	}
+	if len(expired) > 0 {
+		s.bounce(msg, j, updates, expired, &delivery{}, now)
+	}
+	if _, err := s.st.Update(msg.ID, updates); err != nil {
+		s.log.Error("recording suspension", "msg_id", msg.ID.String(), "err", err)
+	}
+	for k, i := range j.rcpts {
+		ev := "deferred"
+		if updates[k].State == spool.Expired {
+			ev = "expired"
+		}
+		s.m.outcome(ev)
+		if s.opt.Log != nil {
+			s.opt.Log.Delivery(DeliveryRecord{Time: now.UTC(), Event: ev, MsgID: msg.ID.String(), Rcpt: msg.Rcpts[i].Addr,
+				Domain: j.d.name, Reply: reason, Attempt: updates[k].Attempts, NextAttempt: nextAttempt(updates[k]),
+				Delay: now.Sub(msg.Received).Seconds()})
+		}
+	}
+}
+
+// bounce commits a delivery status notification for the failed recipients
+// (indexes into updates) to the message's sender, unless the sender is
+// null or the message is itself a notification. It is committed before the
+// recipients are marked failed.
+func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient, failed []int, dv *delivery, now time.Time) {
+	if msg.From == "" || msg.Bounce {
+		return
+	}
+	body, err := s.st.Body(msg.ID)
+	if err != nil {
+		s.log.Error("reading message for bounce", "msg_id", msg.ID.String(), "err", err)
+		body = nil
+	}
+	var rcpts []DSNRecipient
+	for _, k := range failed {
+		r := updates[k]
+		status, diag := replyStatus(r.LastReply)
+		rcpts = append(rcpts, DSNRecipient{
+			Addr: r.Addr, ORcpt: r.ORcpt, Action: "failed", Status: status,
+			RemoteMTA: dv.mx, Diagnostic: diag, LastAttempt: now,
+		})
+	}
+	dsn, ok, err := BuildDSN(DSNInput{ReportingMTA: s.opt.Hostname, Msg: msg, Body: body, Rcpts: rcpts, Now: now})
+	if err != nil || !ok {
+		if err != nil {
+			s.log.Error("building bounce", "msg_id", msg.ID.String(), "err", err)
+		}
+		return
+	}
+	bm := &spool.Message{
+		From: "", Received: now, Bounce: true, Body8Bit: dsn.Body8Bit, SMTPUTF8: dsn.SMTPUTF8, Helo: s.opt.Hostname, ClientIP: "127.0.0.1",
+		Rcpts: []spool.Recipient{{Addr: dsn.Rcpt, Domain: netio.Domain(dsn.Rcpt), NextAttempt: now}},
+	}
+	if err := s.st.CommitWait(bm, dsn.Body); err != nil {
+		s.log.Error("queueing bounce", "msg_id", msg.ID.String(), "err", err)
+		// Leave the recipients pending: they will fail again and bounce
+		// then. Nothing is lost, at worst a notification repeats.
+		for _, k := range failed {
+			updates[k].State = spool.Pending
+			updates[k].NextAttempt = now.Add(s.cfg.retryDelay(1, 0.5))
+		}
+		return
+	}
+	s.m.dsns.Add(1)
+	s.Enqueue(bm)
+}
+
+// replyStatus splits a recorded reply ("550 5.1.1 text") into the DSN
+// status and the diagnostic text.
+func replyStatus(reply string) (status, diag string) {
+	f := strings.SplitN(reply, " ", 3)
+	if len(f) >= 2 && len(f[1]) >= 5 && f[1][1] == '.' && (f[1][0] == '4' || f[1][0] == '5' || f[1][0] == '2') {
+		return f[1], reply
+	}
+	if len(f) >= 1 && len(f[0]) == 3 {
+		return string(f[0][0]) + ".0.0", reply
+	}
+	return "5.0.0", reply
+}

@@ -1,0 +1,603 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hermod-mta/hermod/dnscache"
+	"github.com/hermod-mta/hermod/netio"
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// Resolver finds the mail exchangers of a domain (dnscache.Cache).
+type Resolver interface {
+	Resolve(ctx context.Context, domain string) (*dnscache.Route, error)
+}
+
+// SchedulerOptions are the collaborators of a Scheduler.
+type SchedulerOptions struct {
+	// Store is the spool. Required.
+	Store *spool.Store
+	// Resolver resolves MX hosts. Required.
+	Resolver Resolver
+	// Hostname is the reporting MTA in bounces.
+	Hostname string
+	// Logger gets operational messages; nil discards them.
+	Logger *slog.Logger
+	// Log gets one JSON line per delivery, deferral, bounce and expiry.
+	Log *EventLog
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Seed seeds the retry jitter; 0 picks a random seed.
+	Seed uint64
+}
+
+// Scheduler delivers queued mail: per-destination ready queues, bounded
+// connections per destination and in total, connection reuse, retries with
+// jittered backoff, whole-destination backoff when every MX fails, bounces.
+//
+// Structure: one loop goroutine owns every queue and counter (no locks on
+// the hot path); each outbound connection is an agent goroutine that asks
+// the loop for its next job to the same destination and writes outcomes
+// to the spool itself (blocking writes, group-committed with everyone
+// else's). Messages enter the loop straight from the Receiver (Enqueue) or
+// from scans of the spool's due index (retries, restarts, overflow).
+//
+// Invariants:
+//   - The in-memory active set holds at most ActiveLimit messages and at
+//     most DestinationQueueLimit waiting jobs per destination; everything
+//     else waits in the spool, so memory does not grow with the queue.
+//   - A recipient's outcome is in the spool (Update, synced) before the
+//     loop hears of it; a bounce is committed before the recipient is
+//     marked bounced. A crash at any point repeats at most the deliveries
+//     in flight (at least once, never lost).
+//   - A destination whose every MX fails is backed off as a whole: while
+//     backed off its mail is deferred without connecting.
+type Scheduler struct {
+	cfg  DeliveryConfig
+	opt  SchedulerOptions
+	st   *spool.Store
+	log  *slog.Logger
+	now  func() time.Time
+	rand *rand.Rand // loop-owned
+
+	events  chan event
+	stop    chan struct{}
+	done    chan struct{}
+	ctx     context.Context
+	cancel  context.CancelFunc
+	agentWG sync.WaitGroup
+
+	// Loop-owned state.
+	active   map[spool.ID]*entry
+	dests    map[string]*dest
+	ring     []*dest // destinations with ready jobs, served round-robin
+	conns    int
+	closing  bool
+	scanAt   time.Time
+	cursorT  time.Time
+	cursorID spool.ID
+
+	m schedCounters
+}
+
+// entry is a message in the active set.
+type entry struct {
+	msg  *spool.Message
+	jobs int        // jobs not yet finished (loop-owned)
+	mu   sync.Mutex // serialises agents updating msg and its spool records
+}
+
+// job is one transaction: the due recipients of one message to one domain.
+type job struct {
+	e     *entry
+	d     *dest
+	rcpts []int // indexes into e.msg.Rcpts
+	ready time.Time
+}
+
+// dest is a destination domain's queue and connection state.
+type dest struct {
+	name         string
+	ready        []*job
+	conns        int
+	idle         []*agent
+	backoffUntil time.Time
+	fails        int
+	inRing       bool
+	stat         DomainStat
+}
+
+// agent is one outbound connection's goroutine.
+type agent struct {
+	d         *dest
+	next      chan *job
+	idleSince time.Time
+	conn      *netio.ClientConn
+	mx        string
+	sent      int
+	rand      *rand.Rand
+}
+
+type event any
+
+type evEnqueue struct{ msg *spool.Message }
+type evDone struct {
+	a   *agent
+	j   *job
+	res *attemptResult
+}
+type evSuspended struct{ jobs []*job }
+type evAgentExit struct{ a *agent }
+type evQuery struct {
+	fn   func()
+	done chan struct{}
+}
+
+// NewScheduler returns a scheduler; Start runs it.
+func NewScheduler(cfg DeliveryConfig, opt SchedulerOptions) (*Scheduler, error) {
+	cfg.EnsureDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if opt.Store == nil || opt.Resolver == nil {
+		return nil, errors.New("engine: scheduler needs a spool and a resolver")
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opt.Now == nil {
+		opt.Now = time.Now
+	}
+	if opt.Seed == 0 {
+		opt.Seed = rand.Uint64()
+	}
+	if opt.Hostname == "" {
+		opt.Hostname = cfg.Hostname
+	}
+	s := &Scheduler{
+		cfg:    cfg,
+		opt:    opt,
+		st:     opt.Store,
+		log:    opt.Logger,
+		now:    opt.Now,
+		rand:   rand.New(rand.NewPCG(opt.Seed, 1)),
+		events: make(chan event, 4096),
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+		active: make(map[spool.ID]*entry),
+		dests:  make(map[string]*dest),
+	}
+	s.m.latency = newLatencyHistogram()
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Start runs the scheduler loop. Queued mail found in the spool is picked
+// up by the first scan.
+func (s *Scheduler) Start() { go s.loop() }
+
+// Stop stops delivering: connections in flight are cancelled (their
+// recipients stay pending and are retried at the next start), idle ones
+// closed. It returns when every agent has ended or ctx expires.
+func (s *Scheduler) Stop(ctx context.Context) error {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	select {
+	case <-s.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Enqueue hands a message that was just made durable to the scheduler
+// (the hot path: no polling between acceptance and the first attempt).
+// It never blocks: when the loop is saturated the message simply waits in
+// the spool for the next scan.
+func (s *Scheduler) Enqueue(msg *spool.Message) {
+	select {
+	case s.events <- evEnqueue{msg}:
+	default:
+		s.m.overflow.Add(1)
+	}
+}
+
+// query runs fn on the loop and waits for it.
+func (s *Scheduler) query(fn func()) bool {
+	q := evQuery{fn: fn, done: make(chan struct{})}
+	select {
+	case s.events <- q:
+	case <-s.done:
+		return false
+	}
+	select {
+	case <-q.done:
+		return true
+	case <-s.done:
+		return false
+	}
+}
+
+const tickEvery = 50 * time.Millisecond
+
+func (s *Scheduler) loop() {
+	defer close(s.done)
+	t := time.NewTicker(tickEvery)
+	defer t.Stop()
+	for {
+		select {
+		case ev := <-s.events:
+			s.handle(ev)
+			// Drain what else is waiting before dispatching.
+			for n := 0; n < 256; n++ {
+				select {
+				case ev := <-s.events:
+					s.handle(ev)
+					continue
+				default:
+				}
+				break
+			}
+		case <-t.C:
+		case <-s.stop:
+			if !s.closing {
+				s.closing = true
+				s.cancel()
+				for _, d := range s.dests {
+					for _, a := range d.idle {
+						a.next <- nil
+					}
+					d.idle = nil
+				}
+			}
+		}
+		if s.closing {
+			if s.conns == 0 {
+				s.drainAndExit()
+				return
+			}
+			continue
+		}
+		now := s.now()
+		s.tick(now)
+		s.dispatch(now)
+	}
+}
+
+// drainAndExit keeps answering events until every helper goroutine has
+// ended (they report to the loop before they end).
+func (s *Scheduler) drainAndExit() {
+	ended := make(chan struct{})
+	go func() { s.agentWG.Wait(); close(ended) }()
+	for {
+		select {
+		case ev := <-s.events:
+			s.handle(ev)
+		case <-ended:
+			return
+		}
+	}
+}
+
+func (s *Scheduler) handle(ev event) {
+	now := s.now()
+	switch ev := ev.(type) {
+	case evEnqueue:
+		if s.closing || len(s.active) >= s.cfg.ActiveLimit || s.active[ev.msg.ID] != nil {
+			s.m.overflow.Add(1)
+			return // it is in the spool; a scan will find it
+		}
+		s.admit(ev.msg, now)
+	case evDone:
+		s.finishJob(ev.j, ev.res, now)
+		s.m.busy.Add(-1)
+		s.nextFor(ev.a, ev.res, now)
+	case evSuspended:
+		for _, j := range ev.jobs {
+			s.finishJob(j, nil, now)
+		}
+	case evAgentExit:
+		ev.a.d.conns--
+		s.conns--
+		s.m.conns.Add(-1)
+	case evQuery:
+		ev.fn()
+		close(ev.done)
+	}
+}
+
+// admit puts a message's due recipients into their destinations' ready
+// queues. It returns false (and changes nothing) when a destination's queue
+// is full: the message stays in the spool until there is room.
+func (s *Scheduler) admit(msg *spool.Message, now time.Time) bool {
+	byDomain := map[string][]int{}
+	var order []string
+	for i, r := range msg.Rcpts {
+		if r.State != spool.Pending || r.NextAttempt.After(now) {
+			continue
+		}
+		if _, ok := byDomain[r.Domain]; !ok {
+			order = append(order, r.Domain)
+		}
+		byDomain[r.Domain] = append(byDomain[r.Domain], i)
+	}
+	if len(order) == 0 {
+		return false
+	}
+	for _, dom := range order {
+		if d := s.dests[dom]; d != nil && len(d.ready) >= s.cfg.DestinationQueueLimit {
+			s.m.destFull.Add(1)
+			return false
+		}
+	}
+	e := &entry{msg: msg, jobs: len(order)}
+	s.active[msg.ID] = e
+	var suspended []*job
+	for _, dom := range order {
+		d := s.dest(dom)
+		j := &job{e: e, d: d, rcpts: byDomain[dom], ready: now}
+		if now.Before(d.backoffUntil) {
+			suspended = append(suspended, j)
+			continue
+		}
+		d.ready = append(d.ready, j)
+		s.m.ready.Add(1)
+		if !d.inRing {
+			d.inRing = true
+			s.ring = append(s.ring, d)
+		}
+	}
+	if len(suspended) > 0 {
+		s.suspend(suspended, now)
+	}
+	s.m.activeMsgs.Store(int64(len(s.active)))
+	return true
+}
+
+func (s *Scheduler) dest(name string) *dest {
+	d := s.dests[name]
+	if d == nil {
+		d = &dest{name: name}
+		d.stat.Domain = name
+		s.dests[name] = d
+	}
+	return d
+}
+
+// finishJob records that a job is over (its outcome is already in the
+// spool) and retires its message from the active set when it was the last.
+func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
+	d := j.d
+	if res != nil {
+		d.stat.Delivered += int64(res.delivered)
+		d.stat.Deferred += int64(res.deferred)
+		d.stat.Bounced += int64(res.bounced)
+		if res.lastReply != "" {
+			d.stat.LastReply = res.lastReply
+		}
+		if res.destFail {
+			d.fails++
+			d.backoffUntil = now.Add(s.cfg.retryDelay(d.fails, s.rand.Float64()))
+			d.stat.BackoffUntil = d.backoffUntil
+			s.log.Info("destination backed off", "rcpt_domain", d.name, "until", d.backoffUntil, "fails", d.fails, "reason", res.lastReply)
+			if len(d.ready) > 0 {
+				s.m.ready.Add(-int64(len(d.ready)))
+				s.suspend(d.ready, now)
+				d.ready = nil
+			}
+		} else if res.delivered > 0 || res.bounced > 0 {
+			d.fails = 0
+			d.backoffUntil = time.Time{}
+			d.stat.BackoffUntil = time.Time{}
+		}
+	}
+	j.e.jobs--
+	if j.e.jobs == 0 {
+		delete(s.active, j.e.msg.ID)
+		s.m.activeMsgs.Store(int64(len(s.active)))
+	}
+}
+
+// nextFor answers an agent that finished a job: another job for the same
+// destination, idle waiting, or nil (close).
+func (s *Scheduler) nextFor(a *agent, res *attemptResult, now time.Time) {
+	d := a.d
+	switch {
+	case s.closing, res.destFail, a.conn == nil || !a.conn.Usable(), a.sent >= s.cfg.MaxMessagesPerConnection:
+		a.next <- nil
+	case len(d.ready) > 0 && !now.Before(d.backoffUntil):
+		a.next <- s.pop(d)
+		s.m.busy.Add(1)
+	default:
+		a.idleSince = now
+		d.idle = append(d.idle, a)
+		s.m.idle.Add(1)
+	}
+}
+
+func (s *Scheduler) pop(d *dest) *job {
+	j := d.ready[0]
+	d.ready[0] = nil
+	d.ready = d.ready[1:]
+	s.m.ready.Add(-1)
+	return j
+}
+
+// tick closes idle connections past IdleTimeout, returns destinations out
+// of backoff to service and scans the spool when it is time.
+func (s *Scheduler) tick(now time.Time) {
+	for _, d := range s.dests {
+		if len(d.idle) > 0 {
+			keep := d.idle[:0]
+			for _, a := range d.idle {
+				if now.Sub(a.idleSince) >= s.cfg.IdleTimeout {
+					a.next <- nil
+					s.m.idle.Add(-1)
+					continue
+				}
+				keep = append(keep, a)
+			}
+			clear(d.idle[len(keep):])
+			d.idle = keep
+		}
+		if d.conns == 0 && len(d.ready) == 0 && len(d.idle) == 0 && now.After(d.backoffUntil) &&
+			d.stat.Delivered+d.stat.Deferred+d.stat.Bounced == 0 {
+			delete(s.dests, d.name) // forget destinations that never did anything
+		}
+	}
+	if !now.Before(s.scanAt) {
+		s.scan(now)
+	}
+}
+
+// scanBudget bounds the due-index entries examined per tick, so a huge
+// backlog cannot stall the loop.
+const scanBudget = 20000
+
+// scan loads due messages from the spool's due index into the active set,
+// resuming where the previous tick stopped; a complete pass waits
+// ScanInterval before the next.
+func (s *Scheduler) scan(now time.Time) {
+	examined, finished := 0, true
+	err := s.st.DueAfter(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time) bool {
+		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget {
+			finished = false
+			return false
+		}
+		examined++
+		s.cursorT, s.cursorID = due, id
+		if s.active[id] != nil {
+			return true
+		}
+		msg, err := s.st.Load(id)
+		if err != nil {
+			if !errors.Is(err, spool.ErrNotFound) {
+				s.log.Error("loading queued message", "msg_id", id.String(), "err", err)
+			}
+			return true
+		}
+		if s.admit(msg, now) {
+			s.m.scanned.Add(1)
+		}
+		return true
+	})
+	if err != nil {
+		s.log.Error("scanning the due index", "err", err)
+	}
+	if finished {
+		s.cursorT, s.cursorID = time.Time{}, spool.ID{}
+		s.scanAt = now.Add(s.cfg.ScanInterval)
+		if next, ok := s.st.NextDue(); ok && next.After(now) && next.Before(s.scanAt) {
+			s.scanAt = next
+		}
+	}
+}
+
+// dispatch hands ready jobs to idle connections and opens new ones within
+// the per-destination and global limits, round-robin over destinations.
+func (s *Scheduler) dispatch(now time.Time) {
+	keep := s.ring[:0]
+	for _, d := range s.ring {
+		for len(d.ready) > 0 && !now.Before(d.backoffUntil) {
+			if n := len(d.idle); n > 0 {
+				a := d.idle[n-1]
+				d.idle[n-1] = nil
+				d.idle = d.idle[:n-1]
+				s.m.idle.Add(-1)
+				s.m.busy.Add(1)
+				a.next <- s.pop(d)
+				continue
+			}
+			if d.conns >= s.cfg.MaxConnectionsPerDomain || s.conns >= s.cfg.MaxConnections {
+				break
+			}
+			d.conns++
+			s.conns++
+			s.m.conns.Add(1)
+			s.m.busy.Add(1)
+			a := &agent{d: d, next: make(chan *job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
+			s.agentWG.Add(1)
+			go s.runAgent(a, s.pop(d))
+		}
+		if len(d.ready) > 0 {
+			keep = append(keep, d)
+		} else {
+			d.inRing = false
+		}
+	}
+	clear(s.ring[len(keep):])
+	s.ring = keep
+}
+
+// suspend defers jobs of a backed-off destination without connecting: the
+// recipients wait in the spool until the backoff ends.
+func (s *Scheduler) suspend(jobs []*job, now time.Time) {
+	jobs = append([]*job(nil), jobs...)
+	until := jobs[0].d.backoffUntil
+	reason := "delivery temporarily suspended: " + jobs[0].d.stat.LastReply
+	seed := s.rand.Uint64()
+	s.agentWG.Add(1)
+	go func() {
+		defer s.agentWG.Done()
+		r := rand.New(rand.NewPCG(seed, 3))
+		for _, j := range jobs {
+			// Spread the suspended mail over a fraction of the backoff.
+			at := until.Add(time.Duration(r.Float64() * s.cfg.Jitter * float64(until.Sub(now))))
+			s.suspendJob(j, now, at, reason)
+		}
+		s.events <- evSuspended{jobs}
+	}()
+}
+
+// DomainStat is the per-destination view of the admin API (top-N domains
+// rather than per-domain metric labels).
+type DomainStat struct {
+	Domain       string    `json:"domain"`
+	Ready        int       `json:"ready"`
+	Connections  int       `json:"connections"`
+	Delivered    int64     `json:"delivered"`
+	Deferred     int64     `json:"deferred"`
+	Bounced      int64     `json:"bounced"`
+	BackoffUntil time.Time `json:"backoff_until,omitzero"`
+	LastReply    string    `json:"last_reply,omitempty"`
+}
+
+// TopDomains returns up to n destinations, busiest first (ready jobs, then
+// connections, then deliveries).
+func (s *Scheduler) TopDomains(n int) []DomainStat {
+	var out []DomainStat
+	s.query(func() {
+		for _, d := range s.dests {
+			st := d.stat
+			st.Ready = len(d.ready)
+			st.Connections = d.conns
+			out = append(out, st)
+		}
+	})
+	sort.Slice(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if a.Ready != b.Ready {
+			return a.Ready > b.Ready
+		}
+		if a.Connections != b.Connections {
+			return a.Connections > b.Connections
+		}
+		if a.Delivered+a.Deferred+a.Bounced != b.Delivered+b.Deferred+b.Bounced {
+			return a.Delivered+a.Deferred+a.Bounced > b.Delivered+b.Deferred+b.Bounced
+		}
+		return a.Domain < b.Domain
+	})
+	if n > 0 && len(out) > n {
+		out = out[:n]
+	}
+	return out
+}
