@@ -63,7 +63,7 @@ func (s *Store) work(w *worker) {
 		group := append(w.group[:0], r)
 		n := r.size()
 	gather:
-		for len(group) < maxGroupReqs && n < maxGroupBytes {
+		for len(group) < maxGroupReqs && n < s.maxGroupBytes {
 			select {
 			case r, open := <-s.queue:
 				if !open {

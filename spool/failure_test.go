@@ -106,8 +106,11 @@ func TestWALFailure(t *testing.T) {
 			if failed == 0 {
 				t.Fatal("no commit failed")
 			}
-			if err := s.Stats().Failed; !errors.Is(err, ErrFailed) || !strings.Contains(err.Error(), "no space") {
-				t.Fatalf("Stats().Failed = %v", err)
+			if err := s.Err(); !errors.Is(err, ErrFailed) || !strings.Contains(err.Error(), "no space") {
+				t.Fatalf("Err() = %v", err)
+			}
+			if st := s.Stats(); !strings.Contains(st.Failed, "no space") {
+				t.Fatalf("Stats().Failed = %q", st.Failed)
 			}
 			// Every later write is refused.
 			if err := s.CommitWait(testMessage(1, "c@z.test"), nil); !errors.Is(err, ErrFailed) {

@@ -13,14 +13,23 @@ type Stats struct {
 	Messages int64
 	// DiskBytes is pebble's total on-disk size (WAL, sstables, MANIFEST).
 	DiskBytes uint64
-	// Failed is the error that put the store into the failed state, or nil.
-	Failed error
+	// Failed is the error that put the store into the failed state, or ""
+	// (see Err).
+	Failed string `json:",omitempty"`
 }
 
 // Stats returns the current Stats.
 func (s *Store) Stats() Stats {
-	return Stats{Messages: s.messages.Load(), DiskBytes: s.refreshDiskBytes(), Failed: s.failed()}
+	st := Stats{Messages: s.messages.Load(), DiskBytes: s.refreshDiskBytes()}
+	if err := s.failed(); err != nil {
+		st.Failed = err.Error()
+	}
+	return st
 }
+
+// Err returns the error (wrapping ErrFailed) that put the store into the
+// failed state, in which it rejects every write, or nil.
+func (s *Store) Err() error { return s.failed() }
 
 // refreshDiskBytes reads pebble's disk usage (or the last value once
 // closed).

@@ -65,9 +65,10 @@ type Store struct {
 	drained   chan struct{}
 	drainOnce sync.Once
 
-	queue   chan *writeReq
-	workers []*worker
-	wg      sync.WaitGroup
+	queue         chan *writeReq
+	workers       []*worker
+	wg            sync.WaitGroup
+	maxGroupBytes int
 
 	failErr  atomic.Pointer[error]
 	failedCh chan struct{}
@@ -124,6 +125,12 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 	if err := fs.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, fmt.Errorf("spool: create %s: %w", cfg.Dir, err)
 	}
+	s.workers = make([]*worker, cfg.CommitWorkers)
+	for i := range s.workers {
+		s.workers[i] = &worker{}
+	}
+	s.maxGroupBytes = min(maxGroupBytes, int(cfg.MemTableSize/4))
+	queue := s.queue
 	defer func() {
 		// pebble reports some open failures through Logger.Fatalf.
 		if r := recover(); r != nil {
@@ -132,6 +139,9 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 				panic(r)
 			}
 			s, err = nil, fmt.Errorf("spool: open %s: %w", cfg.Dir, fp.err)
+		}
+		if err != nil {
+			close(queue) // ends failPending, if a fatal error started it
 		}
 	}()
 	db, err := pebble.Open(cfg.Dir, s.pebbleOptions(fs))
@@ -143,10 +153,7 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		_ = db.Close()
 		return nil, err
 	}
-	s.workers = make([]*worker, cfg.CommitWorkers)
-	for i := range s.workers {
-		w := &worker{}
-		s.workers[i] = w
+	for _, w := range s.workers {
 		s.wg.Add(1)
 		go s.work(w)
 	}
@@ -299,7 +306,6 @@ func (s *Store) close() error {
 			return s.failed()
 		}
 	}
-	s.diskBytes.Store(s.db.Metrics().DiskSpaceUsage())
 	err := s.closeDB()
 	s.codec.close()
 	if ferr := s.failed(); ferr != nil {
@@ -318,6 +324,7 @@ func (s *Store) closeDB() (err error) {
 			err = fmt.Errorf("pebble close panicked: %v", r)
 		}
 	}()
+	s.diskBytes.Store(s.db.Metrics().DiskSpaceUsage())
 	return s.db.Close()
 }
 
