@@ -222,7 +222,7 @@ type SinkStats struct {
 type Sink struct {
 	cfg     SinkConfig
 	log     *slog.Logger
-	faults  compiledFaults
+	faults  atomic.Pointer[compiledFaults]
 	tlsConf *tls.Config
 	certPEM []byte
 	ehlo    []byte // EHLO reply tail after the first line
@@ -242,22 +242,27 @@ type Sink struct {
 	conns  map[net.Conn]struct{}
 	perIP  map[string]int
 
+	// Counters (see SinkStats).
 	connections, messages, recipients, bytes atomic.Uint64
 	dropped, hung, greylisted, capped, tlsN  atomic.Uint64
+	corrupted, unstamped, unique, duplicates atomic.Uint64
 	active                                   atomic.Int64
 	replies                                  [600]atomic.Uint64
-	corrupted, unstamped, unique, duplicates atomic.Uint64
-	recMu                                    sync.Mutex
-	seen                                     map[string]seenRec
-	domains                                  map[string]uint64
-	arrivals                                 []Arrival
-	arrNext                                  uint64
-	e2e                                      *hdrhistogram.Histogram
-	capMu                                    sync.Mutex
-	capDomains                               map[string]bool
-	captured                                 map[string][]Captured
-	greyMu                                   sync.Mutex
-	grey                                     map[string]time.Time
+
+	// recMu guards the delivery records.
+	recMu    sync.Mutex
+	seen     map[string]seenRec // by seenKey(id, rcpt)
+	domains  map[string]uint64
+	arrivals []Arrival // ring of cfg.ArrivalLog entries
+	arrNext  uint64    // Seq of the next arrival
+	e2e      *hdrhistogram.Histogram
+
+	capMu      sync.Mutex
+	capDomains map[string]bool
+	captured   map[string][]Captured
+
+	greyMu sync.Mutex
+	grey   map[string]time.Time // first attempt per sender/recipient
 }
 
 type seenRec struct {
@@ -275,7 +280,6 @@ func NewSink(cfg SinkConfig) (*Sink, error) {
 	s := &Sink{
 		cfg:        cfg,
 		log:        cfg.Logger,
-		faults:     cfg.Faults.compile(),
 		start:      time.Now(),
 		closing:    make(chan struct{}),
 		conns:      map[net.Conn]struct{}{},
@@ -291,6 +295,8 @@ func NewSink(cfg SinkConfig) (*Sink, error) {
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
+	cf := cfg.Faults.compile()
+	s.faults.Store(&cf)
 	for _, d := range cfg.Capture {
 		s.capDomains[strings.ToLower(d)] = true
 	}
@@ -430,6 +436,28 @@ func (s *Sink) acceptLoop(ln net.Listener) {
 	}
 }
 
+// SetFaults validates f and makes it the fault profile from now on:
+// connections accepted later take their connection rule from it, and every
+// later RCPT looks up its domain rule in it (transactions under way keep
+// the rule their first recipient chose). Use it to release a deferring
+// domain, or to start a storm, in the middle of a run.
+func (s *Sink) SetFaults(f Faults) error {
+	if err := f.Validate(); err != nil {
+		return err
+	}
+	cf := f.compile()
+	s.faults.Store(&cf)
+	return nil
+}
+
+// E2EHistogram returns a copy of the end-to-end latency histogram
+// (microseconds; see SinkStats.E2E), for merging and charts.
+func (s *Sink) E2EHistogram() *hdrhistogram.Histogram {
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	return hdrhistogram.Import(s.e2e.Export())
+}
+
 // CaptureDomain starts keeping whole messages that have a recipient in
 // domain (see Captured).
 func (s *Sink) CaptureDomain(domain string) {
@@ -454,6 +482,12 @@ func (s *Sink) Seen(id, rcpt string) (int, time.Time) {
 		return 0, time.Time{}
 	}
 	return int(r.count), time.Unix(0, r.first)
+}
+
+// Count returns how many times (id, rcpt) was delivered (for Ledger.Check).
+func (s *Sink) Count(id, rcpt string) int {
+	n, _ := s.Seen(id, rcpt)
+	return n
 }
 
 func seenKey(id, rcpt string) string { return id + "\x00" + strings.ToLower(rcpt) }
@@ -671,7 +705,7 @@ func (s *Sink) serve(nc net.Conn) {
 		w:     bufio.NewWriterSize(nc, 16<<10),
 		rng:   rand.New(rand.NewPCG(s.cfg.Seed, ord)),
 		local: local,
-		rule:  s.faults.forAddr(local),
+		rule:  s.faults.Load().forAddr(local),
 	}
 	counted := false
 	defer func() {
@@ -1013,8 +1047,8 @@ func (c *sconn) rcpt(arg []byte) error {
 		return nil
 	}
 	r := c.rule
-	if len(c.s.faults.domain) > 0 {
-		if dr, ok := c.s.faults.domain[domainOf(rcpt)]; ok {
+	if f := c.s.faults.Load(); len(f.domain) > 0 {
+		if dr, ok := f.domain[domainOf(rcpt)]; ok {
 			r = dr
 		}
 	}
