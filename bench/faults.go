@@ -311,18 +311,19 @@ func LoadFaults(path string) (Faults, error) {
 }
 
 // decodeTOMLStrict decodes data into v; keys that v has no field for are an
-// error naming each key.
-func decodeTOMLStrict(data []byte, v any) error {
+// error naming each key, except keys under the free-form tables named in
+// free (decoded into maps, whose nested keys the decoder reports).
+func decodeTOMLStrict(data []byte, v any, free ...string) error {
 	md, err := toml.Decode(string(data), v)
 	if err != nil {
 		return err
 	}
-	if und := md.Undecoded(); len(und) > 0 {
-		errs := make([]error, len(und))
-		for i, k := range und {
-			errs[i] = fmt.Errorf("%s: unknown key", k)
+	var errs []error
+	for _, k := range md.Undecoded() {
+		if len(k) > 0 && slices.Contains(free, k[0]) {
+			continue
 		}
-		return errors.Join(errs...)
+		errs = append(errs, fmt.Errorf("%s: unknown key", k))
 	}
-	return nil
+	return errors.Join(errs...)
 }
