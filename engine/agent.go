@@ -31,6 +31,7 @@ func (s *Scheduler) runAgent(a *agent, j *job) {
 	defer s.agentWG.Done()
 	for j != nil {
 		res := s.attempt(a, j)
+		a.usable = a.conn != nil && a.conn.Usable()
 		s.events <- evDone{a: a, j: j, res: res}
 		j = <-a.next
 	}

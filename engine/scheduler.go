@@ -84,6 +84,9 @@ type Scheduler struct {
 	cursorID spool.ID
 
 	m schedCounters
+
+	// spawn starts an agent; tests replace it to drive agents by hand.
+	spawn func(a *agent, j *job)
 }
 
 // entry is a message in the active set.
@@ -110,6 +113,7 @@ type dest struct {
 	backoffUntil time.Time
 	fails        int
 	inRing       bool
+	refused      bool // mail was left in the spool because ready was full
 	stat         DomainStat
 }
 
@@ -119,6 +123,7 @@ type agent struct {
 	next      chan *job
 	idleSince time.Time
 	conn      *netio.ClientConn
+	usable    bool // conn can carry another transaction
 	mx        string
 	sent      int
 	rand      *rand.Rand
@@ -174,6 +179,10 @@ func NewScheduler(cfg DeliveryConfig, opt SchedulerOptions) (*Scheduler, error) 
 		dests:  make(map[string]*dest),
 	}
 	s.m.latency = newLatencyHistogram()
+	s.spawn = func(a *agent, j *job) {
+		s.agentWG.Add(1)
+		go s.runAgent(a, j)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -336,6 +345,7 @@ func (s *Scheduler) admit(msg *spool.Message, now time.Time) bool {
 	for _, dom := range order {
 		if d := s.dests[dom]; d != nil && len(d.ready) >= s.cfg.DestinationQueueLimit {
 			s.m.destFull.Add(1)
+			d.refused = true
 			return false
 		}
 	}
@@ -412,7 +422,7 @@ func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
 func (s *Scheduler) nextFor(a *agent, res *attemptResult, now time.Time) {
 	d := a.d
 	switch {
-	case s.closing, res.destFail, a.conn == nil || !a.conn.Usable(), a.sent >= s.cfg.MaxMessagesPerConnection:
+	case s.closing, res.destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection:
 		a.next <- nil
 	case len(d.ready) > 0 && !now.Before(d.backoffUntil):
 		a.next <- s.pop(d)
@@ -429,6 +439,11 @@ func (s *Scheduler) pop(d *dest) *job {
 	d.ready[0] = nil
 	d.ready = d.ready[1:]
 	s.m.ready.Add(-1)
+	if d.refused && len(d.ready) <= s.cfg.DestinationQueueLimit/2 {
+		// Mail was left in the spool for lack of room: fetch it now.
+		d.refused = false
+		s.scanAt = time.Time{}
+	}
 	return j
 }
 
@@ -517,7 +532,12 @@ func (s *Scheduler) dispatch(now time.Time) {
 				a.next <- s.pop(d)
 				continue
 			}
-			if d.conns >= s.cfg.MaxConnectionsPerDomain || s.conns >= s.cfg.MaxConnections {
+			if d.conns >= s.cfg.MaxConnectionsPerDomain {
+				break
+			}
+			if s.conns >= s.cfg.MaxConnections {
+				// Idle connections elsewhere give way to waiting mail.
+				s.closeIdleElsewhere(d)
 				break
 			}
 			d.conns++
@@ -525,8 +545,7 @@ func (s *Scheduler) dispatch(now time.Time) {
 			s.m.conns.Add(1)
 			s.m.busy.Add(1)
 			a := &agent{d: d, next: make(chan *job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
-			s.agentWG.Add(1)
-			go s.runAgent(a, s.pop(d))
+			s.spawn(a, s.pop(d))
 		}
 		if len(d.ready) > 0 {
 			keep = append(keep, d)
@@ -536,6 +555,23 @@ func (s *Scheduler) dispatch(now time.Time) {
 	}
 	clear(s.ring[len(keep):])
 	s.ring = keep
+}
+
+// closeIdleElsewhere closes one idle connection of another destination so
+// that d can open one (the slot frees when the agent has ended).
+func (s *Scheduler) closeIdleElsewhere(d *dest) {
+	for _, o := range s.dests {
+		if o == d || len(o.idle) == 0 {
+			continue
+		}
+		n := len(o.idle)
+		a := o.idle[n-1]
+		o.idle[n-1] = nil
+		o.idle = o.idle[:n-1]
+		s.m.idle.Add(-1)
+		a.next <- nil
+		return
+	}
 }
 
 // suspend defers jobs of a backed-off destination without connecting: the

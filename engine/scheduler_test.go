@@ -1,0 +1,415 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/datadriven"
+
+	"github.com/hermod-mta/hermod/dnscache"
+	"github.com/hermod-mta/hermod/internal/smtperr"
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// schedHarness drives a Scheduler's loop by hand with a fake clock: no
+// loop goroutine, no network. Agents are recorded when the scheduler
+// starts them and finish when the script says so, through the real
+// outcome code (spool writes, bounces).
+type schedHarness struct {
+	t      *testing.T
+	s      *Scheduler
+	st     *spool.Store
+	now    time.Time
+	t0     time.Time
+	ids    map[string]spool.ID
+	names  map[spool.ID]string
+	agents map[string]*fakeAgent
+	order  []string
+	nconn  int
+}
+
+type fakeAgent struct {
+	name string
+	a    *agent
+	j    *job // current job, nil when idle
+}
+
+type noResolver struct{}
+
+func (noResolver) Resolve(context.Context, string) (*dnscache.Route, error) {
+	return nil, fmt.Errorf("not used")
+}
+
+func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
+	cfg := DeliveryConfig{}
+	cfg.Hostname = "mx.test"
+	cfg.Retry = []time.Duration{10 * time.Second, time.Minute}
+	cfg.MaxQueueLifetime = time.Hour
+	cfg.ScanInterval = time.Second
+	for _, a := range args {
+		v := a.Vals[0]
+		n, _ := strconv.Atoi(v)
+		switch a.Key {
+		case "per_domain":
+			cfg.MaxConnectionsPerDomain = n
+		case "global":
+			cfg.MaxConnections = n
+		case "per_conn":
+			cfg.MaxMessagesPerConnection = n
+		case "destq":
+			cfg.DestinationQueueLimit = n
+		case "active":
+			cfg.ActiveLimit = n
+		case "jitter":
+			cfg.Jitter, _ = strconv.ParseFloat(v, 64)
+		case "idle":
+			cfg.IdleTimeout, _ = time.ParseDuration(v)
+		case "lifetime":
+			cfg.MaxQueueLifetime, _ = time.ParseDuration(v)
+		case "retry":
+			cfg.Retry = nil
+			for _, r := range strings.Split(strings.Join(a.Vals, ","), ",") {
+				d, _ := time.ParseDuration(r)
+				cfg.Retry = append(cfg.Retry, d)
+			}
+		default:
+			t.Fatalf("unknown config %s", a.Key)
+		}
+	}
+	scfg := spool.DefaultConfig()
+	scfg.Dir = t.TempDir()
+	h := &schedHarness{t: t, ids: map[string]spool.ID{}, names: map[spool.ID]string{}, agents: map[string]*fakeAgent{}}
+	h.t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	h.now = h.t0
+	scfg.Clock = func() time.Time { return h.now }
+	st, err := spool.Open(scfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	h.st = st
+	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: noResolver{}, Now: func() time.Time { return h.now }, Seed: 42})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.spawn = func(a *agent, j *job) {
+		h.nconn++
+		name := fmt.Sprintf("c%d", h.nconn)
+		h.agents[name] = &fakeAgent{name: name, a: a, j: j}
+		h.order = append(h.order, name)
+	}
+	h.s = s
+	return h
+}
+
+// settle waits for the suspension goroutines and feeds their events (and
+// any other queued event) to the loop.
+func (h *schedHarness) settle(out *strings.Builder) {
+	h.s.agentWG.Wait()
+	for {
+		select {
+		case ev := <-h.s.events:
+			h.s.handle(ev)
+		default:
+			return
+		}
+	}
+}
+
+func (h *schedHarness) jobString(j *job) string {
+	var rs []string
+	for _, i := range j.rcpts {
+		rs = append(rs, j.e.msg.Rcpts[i].Addr)
+	}
+	return fmt.Sprintf("%s[%s]", h.names[j.e.msg.ID], strings.Join(rs, ","))
+}
+
+// dispatch runs tick+dispatch, as the loop does after every event, and
+// reports new agents, hand-overs and closed connections.
+func (h *schedHarness) dispatch(out *strings.Builder) {
+	h.s.tick(h.now)
+	h.settle(out)
+	for round := 0; round < 3; round++ {
+		before := h.nconn
+		idle := map[*agent]bool{}
+		for _, d := range h.s.dests {
+			for _, a := range d.idle {
+				idle[a] = true
+			}
+		}
+		h.s.dispatch(h.now)
+		for _, name := range h.order[before:] {
+			fa := h.agents[name]
+			fmt.Fprintf(out, "start %s %s %s\n", name, fa.a.d.name, h.jobString(fa.j))
+		}
+		closed := h.collect(out, "")
+		if !closed {
+			return
+		}
+	}
+}
+
+// collect reports what the loop told idle agents.
+func (h *schedHarness) collect(out *strings.Builder, why string) bool {
+	closed := false
+	for _, name := range h.order {
+		fa := h.agents[name]
+		if fa == nil || fa.j != nil {
+			continue
+		}
+		select {
+		case j := <-fa.a.next:
+			if j == nil {
+				fmt.Fprintf(out, "close %s%s\n", name, why)
+				delete(h.agents, name)
+				h.agentExit(fa)
+				closed = true
+			} else {
+				fa.j = j
+				fmt.Fprintf(out, "reuse %s %s\n", name, h.jobString(j))
+			}
+		default:
+		}
+	}
+	return closed
+}
+
+func (h *schedHarness) agentExit(fa *fakeAgent) {
+	h.s.handle(evAgentExit{fa.a})
+}
+
+func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
+	var out strings.Builder
+	switch d.Cmd {
+	case "enqueue":
+		// enqueue name=m1 rcpts=a@x.test,b@y.test [from=s@z.test] [hot=false]
+		var name, from string = "", "sender@origin.test"
+		var rcpts []string
+		hot := true
+		for _, a := range d.CmdArgs {
+			switch a.Key {
+			case "name":
+				name = a.Vals[0]
+			case "rcpts":
+				rcpts = strings.Split(strings.Join(a.Vals, ","), ",")
+			case "from":
+				from = a.Vals[0]
+				if from == "<>" {
+					from = ""
+				}
+			case "hot":
+				hot = a.Vals[0] == "true"
+			}
+		}
+		msg := &spool.Message{From: from, Received: h.now}
+		for i, r := range rcpts {
+			msg.Rcpts = append(msg.Rcpts, spool.Recipient{Index: uint16(i), Addr: r, NextAttempt: h.now})
+		}
+		if err := h.st.CommitWait(msg, []byte("Subject: test\r\n\r\nbody\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		h.ids[name] = msg.ID
+		h.names[msg.ID] = name
+		if hot {
+			h.s.handle(evEnqueue{msg})
+			if h.s.active[msg.ID] != nil {
+				fmt.Fprintf(&out, "%s admitted\n", name)
+			} else {
+				fmt.Fprintf(&out, "%s left in the spool\n", name)
+			}
+		} else {
+			fmt.Fprintf(&out, "%s spooled\n", name)
+		}
+	case "dispatch":
+		h.dispatch(&out)
+	case "advance":
+		dur, err := time.ParseDuration(d.CmdArgs[0].Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.now = h.now.Add(dur)
+		fmt.Fprintf(&out, "now +%v\n", h.now.Sub(h.t0))
+		h.dispatch(&out)
+	case "result":
+		// result c1 codes=250,451 | result c1 destfail | result c1 code=550 [drop]
+		name := d.CmdArgs[0].Key
+		fa := h.agents[name]
+		if fa == nil || fa.j == nil {
+			t.Fatalf("no busy agent %s", name)
+		}
+		j := fa.j
+		var codes []int
+		destFail, drop := false, false
+		for _, a := range d.CmdArgs[1:] {
+			switch a.Key {
+			case "code", "codes":
+				for _, v := range strings.Split(strings.Join(a.Vals, ","), ",") {
+					c, _ := strconv.Atoi(v)
+					codes = append(codes, c)
+				}
+			case "destfail":
+				destFail = true
+			case "drop":
+				drop = true
+			}
+		}
+		outs := make([]rcptOutcome, len(j.rcpts))
+		for k := range outs {
+			var reply *smtperr.Error
+			if destFail {
+				reply = smtperr.New(451, "4.4.1", "connection refused")
+			} else {
+				c := codes[min(k, len(codes)-1)]
+				reply = smtperr.New(c, fmt.Sprintf("%d.0.0", c/100), "reply %d", c)
+			}
+			outs[k].class, outs[k].reply = classify(reply, nil)
+		}
+		fa.a.sent++
+		res := h.s.record(j, fa.a, outs, destFail, &delivery{})
+		fa.a.usable = !drop && !destFail
+		fa.j = nil
+		h.s.handle(evDone{a: fa.a, j: j, res: res})
+		select {
+		case next := <-fa.a.next:
+			if next == nil {
+				fmt.Fprintf(&out, "close %s\n", name)
+				delete(h.agents, name)
+				h.agentExit(fa)
+			} else {
+				fa.j = next
+				fmt.Fprintf(&out, "reuse %s %s\n", name, h.jobString(next))
+			}
+		default:
+			fmt.Fprintf(&out, "idle %s\n", name)
+		}
+		h.settle(&out)
+		h.dispatch(&out) // as the loop does after every event
+	case "show":
+		h.show(&out)
+	case "spool":
+		h.showSpool(&out)
+	default:
+		t.Fatalf("unknown command %s", d.Cmd)
+	}
+	return out.String()
+}
+
+func (h *schedHarness) show(out *strings.Builder) {
+	var names []string
+	for n := range h.s.dests {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		d := h.s.dests[n]
+		backoff := "-"
+		if h.now.Before(d.backoffUntil) {
+			backoff = "+" + d.backoffUntil.Sub(h.now).Round(time.Second).String()
+		}
+		fmt.Fprintf(out, "%s: ready=%d conns=%d idle=%d backoff=%s delivered=%d deferred=%d bounced=%d\n",
+			n, len(d.ready), d.conns, len(d.idle), backoff, d.stat.Delivered, d.stat.Deferred, d.stat.Bounced)
+	}
+	fmt.Fprintf(out, "active=%d conns=%d\n", len(h.s.active), h.s.conns)
+}
+
+func (h *schedHarness) showSpool(out *strings.Builder) {
+	var lines []string
+	_ = h.st.Walk(func(m *spool.Message) bool {
+		name := h.names[m.ID]
+		if name == "" {
+			name = "bounce"
+			if m.From != "" || !m.Bounce {
+				name = "?" + m.ID.String()
+			}
+		}
+		var rs []string
+		for _, r := range m.Rcpts {
+			s := fmt.Sprintf("%s %s attempts=%d", r.Addr, r.State, r.Attempts)
+			if r.State == spool.Pending {
+				s += " next=+" + r.NextAttempt.Sub(h.t0).Round(time.Second).String()
+			}
+			rs = append(rs, s)
+		}
+		lines = append(lines, fmt.Sprintf("%s: %s", name, strings.Join(rs, "; ")))
+		return true
+	})
+	sort.Strings(lines)
+	if len(lines) == 0 {
+		out.WriteString("(empty)\n")
+	}
+	for _, l := range lines {
+		out.WriteString(l + "\n")
+	}
+}
+
+// TestSchedulerDatadriven runs the scripts in testdata/scheduler: backoff
+// and jitter, per-domain and global connection limits, reuse, idle
+// timeout, destination backoff, fairness between destinations, bounces
+// and expiry, all on a fake clock.
+func TestSchedulerDatadriven(t *testing.T) {
+	datadriven.Walk(t, "testdata/scheduler", func(t *testing.T, path string) {
+		var h *schedHarness
+		datadriven.RunTest(t, path, func(t *testing.T, d *datadriven.TestData) string {
+			if d.Cmd == "config" {
+				h = newSchedHarness(t, d.CmdArgs)
+				return ""
+			}
+			if h == nil {
+				t.Fatal("config first")
+			}
+			return h.run(t, d)
+		})
+	})
+}
+
+func TestRetryDelayJitterBounds(t *testing.T) {
+	cfg := DeliveryConfig{Retry: []time.Duration{time.Minute, 5 * time.Minute}, Jitter: 0.2}
+	for n := 1; n <= 4; n++ {
+		step := cfg.Retry[min(n, len(cfg.Retry))-1]
+		lo, hi := time.Duration(float64(step)*0.8), time.Duration(float64(step)*1.2)
+		for i := 0; i <= 100; i++ {
+			u := float64(i) / 101
+			if d := cfg.retryDelay(n, u); d < lo || d > hi {
+				t.Fatalf("retry %d, u=%v: %v outside [%v, %v]", n, u, d, lo, hi)
+			}
+		}
+		if cfg.retryDelay(n, 0) >= cfg.retryDelay(n, 0.99) {
+			t.Fatalf("jitter does not spread retry %d", n)
+		}
+	}
+}
+
+func TestTransition(t *testing.T) {
+	cfg := DeliveryConfig{Retry: []time.Duration{time.Minute}, Jitter: 0, MaxQueueLifetime: time.Hour}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	msg := &spool.Message{Received: t0}
+	r := spool.Recipient{Addr: "a@x.test"}
+	cases := []struct {
+		name    string
+		class   outcomeClass
+		now     time.Time
+		state   spool.RcptState
+		next    time.Time
+		expired bool
+	}{
+		{"delivered", outDelivered, t0, spool.Delivered, time.Time{}, false},
+		{"bounced", outBounced, t0, spool.Bounced, time.Time{}, false},
+		{"deferred", outDeferred, t0, spool.Pending, t0.Add(time.Minute), false},
+		{"deferred near the end retries at the end", outDeferred, t0.Add(59*time.Minute + 30*time.Second), spool.Pending, t0.Add(time.Hour), false},
+		{"deferred after the lifetime expires", outDeferred, t0.Add(time.Hour), spool.Expired, time.Time{}, true},
+	}
+	for _, c := range cases {
+		nr, _, exp := transition(&cfg, msg, r, c.class, "reply", c.now, 0.5)
+		if nr.State != c.state || exp != c.expired || (c.state == spool.Pending && !nr.NextAttempt.Equal(c.next)) || nr.Attempts != 1 {
+			t.Errorf("%s: got state %v next %v expired %v attempts %d", c.name, nr.State, nr.NextAttempt, exp, nr.Attempts)
+		}
+	}
+}
+
+var _ = netip.Addr{}
