@@ -70,6 +70,11 @@ type SinkConfig struct {
 	// Capture lists recipient domains whose messages are kept whole (see
 	// Sink.Captured). Default: none.
 	Capture []string `toml:"capture"`
+	// NoRecords keeps no per-(id, recipient) record (about 100 bytes per
+	// delivered pair): Seen and Count then know nothing, duplicates are not
+	// detected (Unique counts every stamped delivery) and E2E counts every
+	// verified delivery. For very long runs. Default: false.
+	NoRecords bool `toml:"no_records"`
 	// ArrivalLog is how many arrivals /messages and Sink.Arrivals keep
 	// (the oldest are dropped). Default: 1048576.
 	ArrivalLog int `toml:"arrival_log"`
@@ -618,20 +623,22 @@ func (s *Sink) record(from string, rcpts []string, msg []byte, mx string) {
 		if st.ID == "" {
 			continue
 		}
-		k := seenKey(st.ID, r)
-		if rec, ok := s.seen[k]; ok {
-			rec.count++
-			s.seen[k] = rec
-			a.Dups++
-			continue
+		if !s.cfg.NoRecords {
+			k := seenKey(st.ID, r)
+			if rec, ok := s.seen[k]; ok {
+				rec.count++
+				s.seen[k] = rec
+				a.Dups++
+				continue
+			}
+			s.seen[k] = seenRec{first: a.Arrived, count: 1}
 		}
-		s.seen[k] = seenRec{first: a.Arrived, count: 1}
 		if err == nil {
 			recordDur(s.e2e, now.Sub(st.Sent))
 		}
 	}
-	if n := uint64(len(rcpts) - a.Dups); st.ID != "" {
-		s.unique.Add(n)
+	if st.ID != "" {
+		s.unique.Add(uint64(len(rcpts) - a.Dups))
 		s.duplicates.Add(uint64(a.Dups))
 	}
 	if s.cfg.ArrivalLog > 0 {
@@ -799,7 +806,7 @@ func (c *sconn) readSlice() ([]byte, error) {
 			}
 		}
 		if t := c.s.cfg.IdleTimeout; t > 0 {
-			_ = c.nc.SetReadDeadline(time.Now().Add(t))
+			_ = c.nc.SetDeadline(time.Now().Add(t)) // writes too: a client that never reads
 		}
 	}
 	return c.r.ReadSlice('\n')
@@ -825,7 +832,7 @@ func (c *sconn) sleep(d time.Duration) error {
 func (c *sconn) hang() error {
 	c.s.hung.Add(1)
 	_ = c.w.Flush()
-	_ = c.nc.SetReadDeadline(time.Time{})
+	_ = c.nc.SetDeadline(time.Time{})
 	_, _ = io.Copy(io.Discard, c.nc)
 	return errHang
 }
@@ -1186,7 +1193,7 @@ func (c *sconn) bdat(arg []byte) error {
 		start := len(c.msg)
 		c.msg = append(c.msg, make([]byte, n)...)
 		if c.s.cfg.IdleTimeout > 0 {
-			_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.IdleTimeout))
+			_ = c.nc.SetDeadline(time.Now().Add(c.s.cfg.IdleTimeout))
 		}
 		if _, err := io.ReadFull(c.r, c.msg[start:]); err != nil {
 			return err

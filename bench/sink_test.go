@@ -868,3 +868,65 @@ print('ok')
 		t.Errorf("stats %+v", st)
 	}
 }
+
+func TestSinkNoRecords(t *testing.T) {
+	s := newTestSink(t, SinkConfig{NoRecords: true, NoPipelining: true})
+	c := dialSink(t, s.Addrs()[0])
+	if ehlo := c.greet(); strings.Contains(ehlo, "PIPELINING") {
+		t.Errorf("PIPELINING offered: %q", ehlo)
+	}
+	msg := stamped(t, "nr-1")
+	for i := 0; i < 2; i++ {
+		c.cmd("MAIL FROM:<a@sender.test>", 250)
+		c.cmd("RCPT TO:<x@d.test>", 250)
+		c.data(msg, 250)
+	}
+	st := s.Stats()
+	if st.Unique != 2 || st.Duplicates != 0 || st.E2E.Count != 2 || s.Count("nr-1", "x@d.test") != 0 {
+		t.Errorf("stats %+v", st)
+	}
+	// A client that pipelines anyway is still answered in order, and the
+	// load falls back to one command at a time.
+	res := runLoad(t, LoadConfig{Targets: s.Addrs(), Sessions: 2, Messages: 50})
+	if res.Accepted != 50 {
+		t.Errorf("load without PIPELINING: %+v", res)
+	}
+}
+
+// FuzzSinkSession feeds arbitrary client bytes to a sink connection: it
+// must neither panic nor hang, and must answer within its limits.
+func FuzzSinkSession(f *testing.F) {
+	for _, seed := range []string{
+		"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+		"EHLO x\r\nMAIL FROM:<a@b> SIZE=10\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nabcQUIT\r\n",
+		"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n.\r\nRSET\r\nNOOP\r\n",
+		"EHLO x\r\nBDAT 99999999999\r\n",
+		"EHLO\r\nMAIL\r\nRCPT\r\nDATA\r\n\x00\xff\r\n",
+	} {
+		f.Add([]byte(seed))
+	}
+	s, err := NewSink(SinkConfig{Listen: []string{"127.0.0.1:0"}, Chunking: true, MaxSize: 1 << 16,
+		IdleTimeout: 5 * time.Second})
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer s.Close()
+	f.Fuzz(func(t *testing.T, in []byte) {
+		client, server := net.Pipe()
+		s.wg.Add(1)
+		done := make(chan struct{})
+		go func() {
+			s.serve(server)
+			close(done)
+		}()
+		go func() { _, _ = io.Copy(io.Discard, client) }()
+		_ = client.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		_, _ = client.Write(in)
+		_ = client.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("session did not end")
+		}
+	})
+}
