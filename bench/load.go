@@ -297,7 +297,8 @@ type Load struct {
 	domains []string
 	zipfCDF []float64
 
-	start    time.Time
+	start    time.Time // set by Run before any session starts
+	startNS  atomic.Int64
 	stopAt   time.Time
 	ticket   atomic.Int64
 	jobs     chan job
@@ -353,8 +354,8 @@ func (l *Load) Config() LoadConfig { return l.cfg }
 // Progress returns how many messages have ended and been accepted so far.
 func (l *Load) Progress() LoadProgress {
 	p := LoadProgress{Attempted: l.tried.Load(), Accepted: l.accepted.Load()}
-	if !l.start.IsZero() {
-		p.Elapsed = time.Since(l.start)
+	if ns := l.startNS.Load(); ns != 0 {
+		p.Elapsed = time.Since(time.Unix(0, ns))
 	}
 	return p
 }
@@ -367,6 +368,7 @@ func (l *Load) Run(ctx context.Context) (LoadResult, error) {
 	}
 	cfg := &l.cfg
 	l.start = time.Now()
+	l.startNS.Store(l.start.UnixNano())
 	l.stopAt = l.start.Add(cfg.Duration)
 	hard, cancel := context.WithDeadline(ctx, l.stopAt.Add(cfg.Timeout))
 	defer cancel()

@@ -360,3 +360,42 @@ func cpuTime() time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+func TestLoadProgress(t *testing.T) {
+	s := newTestSink(t, SinkConfig{Faults: Faults{Default: FaultRule{DataDelay: FixedDelay(time.Millisecond)}}})
+	l, err := NewLoad(LoadConfig{Targets: s.Addrs(), Sessions: 2, Messages: 200, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type out struct {
+		res LoadResult
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		res, err := l.Run(context.Background())
+		done <- out{res, err}
+	}()
+	var last LoadProgress
+	deadline := time.After(30 * time.Second)
+	for running := true; running; {
+		select {
+		case o := <-done:
+			running = false
+			if o.err != nil {
+				t.Fatal(o.err)
+			}
+			if p := l.Progress(); p.Attempted != o.res.Attempted || p.Accepted != o.res.Accepted {
+				t.Errorf("final progress %+v, result %+v", p, o.res)
+			}
+		case <-deadline:
+			t.Fatal("run did not end")
+		case <-time.After(5 * time.Millisecond):
+			p := l.Progress()
+			if p.Attempted < last.Attempted || p.Accepted < last.Accepted || p.Accepted > p.Attempted {
+				t.Fatalf("progress went from %+v to %+v", last, p)
+			}
+			last = p
+		}
+	}
+}

@@ -517,8 +517,11 @@ func (s *Sink) Arrivals(since uint64, limit int) (list []Arrival, next, dropped 
 
 // Stats returns a snapshot of the counters.
 func (s *Sink) Stats() SinkStats {
+	s.recMu.Lock()
+	start := s.start
+	s.recMu.Unlock()
 	st := SinkStats{
-		Uptime:      time.Since(s.start),
+		Uptime:      time.Since(start),
 		Connections: s.connections.Load(),
 		Active:      s.active.Load(),
 		Messages:    s.messages.Load(),
