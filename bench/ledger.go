@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -50,19 +51,27 @@ type Accounting struct {
 	Lost      uint64 `json:"lost"`
 	// Duplicates counts arrivals of expected pairs beyond their first.
 	Duplicates uint64 `json:"duplicates"`
+	// Excluded pairs went to domains excluded from the check (refused on
+	// purpose for the whole run); they are in no other count.
+	Excluded uint64 `json:"excluded"`
 	// LostSample lists up to 20 lost pairs as "id rcpt", sorted.
 	LostSample []string `json:"lost_sample,omitempty"`
 }
 
 // Check counts every recorded pair against seen, which returns how many
 // times a pair arrived (Sink.Count, or Deliveries.Count for a sink read
-// over HTTP).
-func (l *Ledger) Check(seen func(id, rcpt string) int) Accounting {
+// over HTTP). Pairs whose recipient domain is in exclude are only counted
+// as Excluded.
+func (l *Ledger) Check(seen func(id, rcpt string) int, exclude ...string) Accounting {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var a Accounting
 	for id, rcpts := range l.acc {
 		for _, r := range rcpts {
+			if len(exclude) > 0 && slices.Contains(exclude, domainOf(r)) {
+				a.Excluded++
+				continue
+			}
 			a.Expected++
 			switch n := seen(id, r); {
 			case n == 0:

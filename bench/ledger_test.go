@@ -19,6 +19,14 @@ func TestLedgerAgainstSink(t *testing.T) {
 		t.Errorf("accounting %+v", a)
 	}
 
+	if x := ledger.Check(s.Count, TestDomain(1), TestDomain(2)); x.Excluded == 0 || x.Expected+x.Excluded != 1000 ||
+		x.Lost != 0 {
+		t.Errorf("with exclusions %+v", x)
+	}
+	if st := s.Stats(); st.First.IsZero() || st.Last.Before(st.First) {
+		t.Errorf("first %v last %v", st.First, st.Last)
+	}
+
 	// The same accounting from another process's point of view.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -205,6 +205,11 @@ type SinkStats struct {
 	Replies map[int]uint64 `json:"replies"`
 	// Domains counts delivered recipients by (lower-case) domain.
 	Domains map[string]uint64 `json:"domains"`
+	// First and Last are the times of the first and the latest accepted
+	// message (zero before any): (Last-First) is the span of an
+	// end-to-end delivery rate.
+	First time.Time `json:"first"`
+	Last  time.Time `json:"last"`
 	// E2E is arrival time minus X-Bench-Sent, once per (id, recipient)
 	// pair at its first delivery, for messages that verified.
 	E2E Latency `json:"e2e"`
@@ -260,6 +265,8 @@ type Sink struct {
 	domains  map[string]uint64
 	arrivals []Arrival // ring of cfg.ArrivalLog entries
 	arrNext  uint64    // Seq of the next arrival
+	first    int64     // Unix nanos of the first and latest arrival
+	last     int64
 	e2e      *hdrhistogram.Histogram
 
 	capMu      sync.Mutex
@@ -549,6 +556,9 @@ func (s *Sink) Stats() SinkStats {
 		st.Domains[d] = n
 	}
 	st.E2E = latencyOf(s.e2e)
+	if s.first != 0 {
+		st.First, st.Last = time.Unix(0, s.first), time.Unix(0, s.last)
+	}
 	s.recMu.Unlock()
 	return st
 }
@@ -568,6 +578,7 @@ func (s *Sink) Reset() {
 	s.domains = map[string]uint64{}
 	s.arrivals = s.arrivals[:0]
 	s.arrNext = 0
+	s.first, s.last = 0, 0
 	s.e2e.Reset()
 	s.start = time.Now()
 	s.recMu.Unlock()
@@ -621,6 +632,10 @@ func (s *Sink) record(from string, rcpts []string, msg []byte, mx string) {
 		a.Sent = st.Sent.UnixNano()
 	}
 	s.recMu.Lock()
+	if s.first == 0 {
+		s.first = a.Arrived
+	}
+	s.last = a.Arrived
 	for _, r := range rcpts {
 		s.domains[domainOf(r)]++
 		if st.ID == "" {
