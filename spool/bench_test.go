@@ -61,39 +61,50 @@ func slowSync(d time.Duration) errorfs.Injector {
 // fsync.
 func BenchmarkCommitParallel(b *testing.B) {
 	for _, lat := range []time.Duration{0, time.Millisecond} {
-		for _, workers := range []int{1, 2, 4, 8} {
-			b.Run(fmt.Sprintf("fsync+%v/workers=%d", lat, workers), func(b *testing.B) {
-				cfg := Config{Dir: b.TempDir(), CommitWorkers: workers}
-				if lat > 0 {
-					cfg.FS = errorfs.Wrap(vfs.Default, slowSync(lat))
-				}
-				s, err := Open(cfg, nil)
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer s.Close()
-				body := testBody(0, 1024)
-				var n atomic.Int64
-				b.SetParallelism((committers + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
-				b.ReportAllocs()
-				before := s.Metrics()
-				start := time.Now()
-				b.ResetTimer()
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						i := int(n.Add(1))
-						m := testMessage(i, "rcpt@example.test", "other@example.org")
-						if err := s.CommitWait(m, body); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-				b.StopTimer()
-				reportSyncs(b, s, before, start, b.N)
-			})
+		for _, wait := range []bool{false, true} {
+			for _, workers := range []int{1, 2, 4, 8} {
+				benchCommitParallel(b, lat, wait, workers)
+			}
 		}
 	}
+}
+
+func benchCommitParallel(b *testing.B, lat time.Duration, waitApply bool, workers int) {
+	mode := "async"
+	if waitApply {
+		mode = "wait"
+	}
+	b.Run(fmt.Sprintf("fsync+%v/apply=%s/workers=%d", lat, mode, workers), func(b *testing.B) {
+		cfg := Config{Dir: b.TempDir(), CommitWorkers: workers}
+		if lat > 0 {
+			cfg.FS = errorfs.Wrap(vfs.Default, slowSync(lat))
+		}
+		s, err := Open(cfg, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer s.Close()
+		s.waitApply = waitApply
+		body := testBody(0, 1024)
+		var n atomic.Int64
+		b.SetParallelism((committers + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+		b.ReportAllocs()
+		before := s.Metrics()
+		start := time.Now()
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				i := int(n.Add(1))
+				m := testMessage(i, "rcpt@example.test", "other@example.org")
+				if err := s.CommitWait(m, body); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+		b.StopTimer()
+		reportSyncs(b, s, before, start, b.N)
+	})
 }
 
 // BenchmarkUpdate measures Update from 50 goroutines: each op delivers the

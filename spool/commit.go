@@ -3,6 +3,7 @@ package spool
 import (
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,10 +54,10 @@ func (s *Store) finish(r *writeReq, err error) bool {
 }
 
 // work is a commit worker: it takes one queued write, adds whatever else is
-// queued (up to maxGroupReqs / maxGroupBytes), and commits the group as one
-// synced pebble batch. While it waits for the fsync, the other workers
-// gather the next groups; pebble's WAL writer then makes one fsync cover
-// every batch written meanwhile (group commit).
+// queued (up to maxGroupReqs / maxGroupBytes), and writes the group as one
+// synced pebble batch, leaving the wait for its fsync to the syncer.
+// Pebble's WAL writer makes one fsync cover every batch written while the
+// previous fsync ran (group commit).
 func (s *Store) work(w *worker) {
 	defer s.wg.Done()
 	for r := range s.queue {
@@ -111,24 +112,72 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) {
 		}
 		ok = append(ok, r)
 	}
-	var err error
-	if len(ok) > 0 {
-		err = s.apply(b)
-		s.commitBatches.Add(1)
-		// Lower the due floor before anyone learns of the write (even a
-		// failed one may be visible: lowering is always safe).
-		low := int64(noDue)
-		for _, r := range ok {
-			low = min(low, r.due)
-		}
-		if low != noDue {
-			s.floor.lower(low)
-		}
+	if len(ok) == 0 {
+		return
 	}
+	s.commitBatches.Add(1)
+	reqs := ok
+	defer func() {
+		clear(reqs)
+		w.ok = reqs[:0]
+	}()
+	if s.waitApply {
+		err := s.apply(b, false)
+		s.lowerFloor(reqs)
+		s.complete(b, reqs, err)
+		return
+	}
+	// Write the group to the WAL and the memtable without waiting for the
+	// fsync; the syncer waits for it and completes the group. Every group
+	// written while one fsync runs is covered by the next one.
+	err := s.apply(b, true)
+	s.lowerFloor(reqs)
+	if err != nil {
+		s.complete(b, reqs, err)
+		return
+	}
+	s.syncQ <- syncItem{b: b, reqs: slices.Clone(reqs)}
+}
+
+// syncItem is a group written to the WAL whose fsync the syncer awaits.
+type syncItem struct {
+	b    *pebble.Batch
+	reqs []*writeReq
+}
+
+// syncLoop waits, in WAL order, for the fsync of each group the workers
+// wrote, and completes its writes.
+func (s *Store) syncLoop() {
+	defer s.syncWG.Done()
+	for it := range s.syncQ {
+		err := it.b.SyncWait()
+		if err != nil {
+			// The WAL writer is dead after a write or sync error.
+			err = s.fail(fmt.Errorf("pebble WAL sync: %w", err))
+		}
+		s.complete(it.b, it.reqs, err)
+	}
+}
+
+// lowerFloor lowers the due floor for the due entries reqs set. It runs
+// before anyone learns of the write (even a failed one may be visible:
+// lowering is always safe).
+func (s *Store) lowerFloor(reqs []*writeReq) {
+	low := int64(noDue)
+	for _, r := range reqs {
+		low = min(low, r.due)
+	}
+	if low != noDue {
+		s.floor.lower(low)
+	}
+}
+
+// complete finishes the writes of a committed group.
+func (s *Store) complete(b *pebble.Batch, reqs []*writeReq, err error) {
 	if err == nil {
 		_ = b.Close()
 	}
-	for _, r := range ok {
+	for _, r := range reqs {
 		if err == nil {
 			s.messages.Add(r.delta)
 			if r.msg != nil {
@@ -137,17 +186,16 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) {
 		}
 		s.finish(r, err)
 	}
-	clear(ok)
-	w.ok = ok[:0]
 }
 
-// apply commits b with a WAL fsync. Pebble treats a failed WAL write or sync
-// as fatal: it calls Logger.Fatalf (whose adapter panics) or panics itself,
-// possibly with its commit pipeline locked. Either way the panic is
-// recovered here, the store enters the failed state, and the error is
-// returned: nothing is acknowledged unless pebble returned normally from a
-// synced commit.
-func (s *Store) apply(b *pebble.Batch) (err error) {
+// apply writes b to the WAL and the memtable, with a WAL fsync: it waits
+// for the fsync unless noSyncWait, in which case the caller must call
+// b.SyncWait. Pebble treats a failed WAL write or sync as fatal: it calls
+// Logger.Fatalf (whose adapter panics) or panics itself, possibly with its
+// commit pipeline locked. Either way the panic is recovered here, the store
+// enters the failed state, and the error is returned: nothing is
+// acknowledged unless pebble reported a synced commit.
+func (s *Store) apply(b *pebble.Batch, noSyncWait bool) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			var cause error
@@ -159,10 +207,18 @@ func (s *Store) apply(b *pebble.Batch) (err error) {
 			default:
 				cause = fmt.Errorf("%v", v)
 			}
+			if _, ok := r.(fatalPanic); !ok {
+				s.wedged.Store(true)
+			}
 			err = s.fail(fmt.Errorf("pebble commit: %w", cause))
 		}
 	}()
-	if err := b.Commit(pebble.Sync); err != nil {
+	if noSyncWait {
+		err = s.db.ApplyNoSyncWait(b, pebble.Sync)
+	} else {
+		err = b.Commit(pebble.Sync)
+	}
+	if err != nil {
 		return fmt.Errorf("spool: commit: %w", err)
 	}
 	return nil
@@ -261,9 +317,10 @@ func (s *Store) prepareCommit(msg *Message, body []byte) error {
 // modify them.
 //
 // done is called exactly once, from a spool goroutine, with nil only when
-// the message is durable (fsynced) and visible to Load; with an error it may
-// or may not have been stored (report a temporary failure). done must not
-// block: it runs on a commit worker. A nil done is allowed.
+// the message is durable (fsynced); with an error it may or may not have
+// been stored (report a temporary failure). done must not block: it runs
+// on the goroutine that acknowledges every write in turn. A nil done is
+// allowed.
 //
 // Commit never waits for the disk, but it blocks while the bounded commit
 // queue (Config.CommitQueue) is full: backpressure when the disk cannot keep

@@ -37,9 +37,10 @@ type Config struct {
 	MemTableSize int64 `toml:"memtable_size"`
 
 	// CommitWorkers is the number of goroutines that merge queued writes
-	// into grouped, synced pebble batches. Several workers keep batches in
-	// flight while one waits for its fsync; pebble's WAL then shares one
-	// fsync between them.
+	// into grouped pebble batches (compressing bodies) and write them to the
+	// WAL. They do not wait for fsyncs (a syncer does), so their number does
+	// not change how many writes one fsync covers; more workers compress in
+	// parallel.
 	// Default: 4 (measured with BenchmarkCommitParallel; see the package doc).
 	CommitWorkers int `toml:"commit_workers"`
 

@@ -55,6 +55,7 @@ func TestWALFailure(t *testing.T) {
 			cfg := memConfig(errorfs.Wrap(mem, fault))
 			cfg.CommitWorkers = 4
 			s := openT(t, cfg)
+			s.closeTimeout = 500 * time.Millisecond
 
 			var (
 				mu     sync.Mutex
@@ -144,7 +145,7 @@ func TestWALFailure(t *testing.T) {
 			if got := s2.Stats().Messages; got < int64(len(acked)) {
 				t.Fatalf("messages = %d, acked %d", got, len(acked))
 			}
-			t.Logf("acked %d, failed %d, fault hits %d", len(acked), failed, fault.hit.Load())
+			t.Logf("acked %d, failed %d, fault hits %d, pebble wedged %v", len(acked), failed, fault.hit.Load(), s.wedged.Load())
 		})
 	}
 }

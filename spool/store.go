@@ -69,9 +69,15 @@ type Store struct {
 	workers       []*worker
 	wg            sync.WaitGroup
 	maxGroupBytes int
+	syncQ         chan syncItem
+	syncWG        sync.WaitGroup
 
 	failErr  atomic.Pointer[error]
 	failedCh chan struct{}
+	// wedged is set when pebble panicked inside its commit path, where it
+	// may hold its commit pipeline lock for good.
+	wedged       atomic.Bool
+	closeTimeout time.Duration
 
 	idLocks [idLockStripes]sync.Mutex
 	floor   dueFloor
@@ -83,6 +89,11 @@ type Store struct {
 	commitErrors  atomic.Uint64
 	updates       atomic.Uint64
 	removals      atomic.Uint64
+
+	// waitApply makes the workers wait for their own fsync (pebble's Apply)
+	// instead of handing it to the syncer (ApplyNoSyncWait). Only
+	// benchmarks set it; see the package doc.
+	waitApply bool
 
 	// removeWithRangeDel removes finished messages with one DeleteRange
 	// instead of point SingleDeletes. Only tests and benchmarks set it; see
@@ -106,13 +117,16 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		return nil, err
 	}
 	s = &Store{
-		cfg:      cfg,
-		log:      logger,
-		clock:    cfg.Clock,
-		codec:    codec,
-		drained:  make(chan struct{}),
-		queue:    make(chan *writeReq, cfg.CommitQueue),
-		failedCh: make(chan struct{}),
+		cfg:     cfg,
+		log:     logger,
+		clock:   cfg.Clock,
+		codec:   codec,
+		drained: make(chan struct{}),
+		queue:   make(chan *writeReq, cfg.CommitQueue),
+		syncQ:   make(chan syncItem, 1024),
+
+		closeTimeout: 5 * time.Second,
+		failedCh:     make(chan struct{}),
 	}
 	if s.clock == nil {
 		s.clock = time.Now
@@ -157,6 +171,8 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		s.wg.Add(1)
 		go s.work(w)
 	}
+	s.syncWG.Add(1)
+	go s.syncLoop()
 	s.log.Info("spool opened", "dir", cfg.Dir, "messages", s.messages.Load(),
 		"compression", cfg.Compression, "commit_workers", cfg.CommitWorkers)
 	return s, nil
@@ -280,8 +296,9 @@ func (s *Store) fail(cause error) error {
 
 // Close stops accepting writes, waits for calls in progress and for the
 // commit workers to drain the queue, then closes pebble. On a failed store
-// it returns the failure (a worker stuck inside pebble is abandoned after
-// a few seconds).
+// it returns the failure; pebble may then be left open (a worker or
+// pebble's Close stuck on pebble's wedged commit pipeline is abandoned
+// after 5 s), holding the directory lock until the process exits.
 func (s *Store) Close() error {
 	err := ErrClosed
 	s.closeOnce.Do(func() { err = s.close() })
@@ -295,22 +312,41 @@ func (s *Store) close() error {
 	<-s.drained
 	close(s.queue)
 	workersDone := make(chan struct{})
-	go func() { s.wg.Wait(); close(workersDone) }()
+	go func() {
+		s.wg.Wait()
+		close(s.syncQ)
+		s.syncWG.Wait()
+		close(workersDone)
+	}()
 	select {
 	case <-workersDone:
 	case <-s.failedCh:
 		select {
 		case <-workersDone:
-		case <-time.After(5 * time.Second):
+		case <-time.After(s.closeTimeout):
 			s.log.Error("spool close: commit worker stuck in pebble after failure; not closing pebble")
 			return s.failed()
 		}
 	}
-	err := s.closeDB()
-	s.codec.close()
 	if ferr := s.failed(); ferr != nil {
+		// After a panic in its commit path pebble's commit pipeline may
+		// stay locked, and DB.Close waits for that lock forever.
+		if s.wedged.Load() {
+			s.log.Error("spool close: pebble commit pipeline wedged after failure; not closing pebble")
+			return ferr
+		}
+		done := make(chan struct{})
+		go func() { _ = s.closeDB(); close(done) }()
+		select {
+		case <-done:
+			s.codec.close()
+		case <-time.After(s.closeTimeout):
+			s.log.Error("spool close: pebble close stuck after failure; abandoned")
+		}
 		return ferr
 	}
+	err := s.closeDB()
+	s.codec.close()
 	if err != nil {
 		return fmt.Errorf("spool: close: %w", err)
 	}
