@@ -87,3 +87,5 @@ func testBody(i, size int) []byte {
 	}
 	return b[:size]
 }
+
+func slogDiscard() *slog.Logger { return slog.New(slog.DiscardHandler) }

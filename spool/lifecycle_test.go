@@ -157,3 +157,22 @@ func TestMetricsAndCollector(t *testing.T) {
 		t.Log(strings.Join(names, " "))
 	}
 }
+
+// TestPebbleLoggerFatal checks the adapter's contract: Fatalf puts the store
+// into the failed state first and then panics with fatalPanic (returning
+// would let pebble report an unsynced commit as done).
+func TestPebbleLoggerFatal(t *testing.T) {
+	var got error
+	l := pebbleLogger{log: slogDiscard(), fatal: func(err error) { got = err }}
+	l.Infof("info %d", 1)
+	l.Errorf("error %d", 2)
+	defer func() {
+		r := recover()
+		fp, ok := r.(fatalPanic)
+		if !ok || got == nil || fp.err.Error() != "pebble: fatal commit error: boom" || got != fp.err {
+			t.Fatalf("recovered %v, fatal callback got %v", r, got)
+		}
+	}()
+	l.Fatalf("pebble: fatal commit error: %s", "boom")
+	t.Fatal("Fatalf returned")
+}
