@@ -470,8 +470,8 @@ func (s *Store) Body(id ID) ([]byte, error) {
 // Due calls fn, in due order, for every queued message whose due time (the
 // earliest NextAttempt of its pending recipients) is <= before, until fn
 // returns false. It reads only the due index. fn may call other Store
-// methods; it runs on an iterator snapshot, so it does not see writes made
-// after Due started.
+// methods except Close (which would wait for Due to return); it runs on an
+// iterator snapshot, so it does not see writes made after Due started.
 func (s *Store) Due(before time.Time, fn func(id ID, due time.Time) bool) error {
 	return s.DueAfter(time.Time{}, ID{}, before, fn)
 }
@@ -589,7 +589,8 @@ func (s *Store) NextDue() (due time.Time, ok bool) {
 
 // Walk calls fn with every queued message (envelope and recipients, no
 // body) in ID order until fn returns false. It holds one message in memory
-// at a time, on an iterator snapshot taken when Walk starts.
+// at a time, on an iterator snapshot taken when Walk starts. fn must not
+// call Close.
 func (s *Store) Walk(fn func(*Message) bool) error {
 	if !s.enter() {
 		return ErrClosed
