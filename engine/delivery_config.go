@@ -51,6 +51,12 @@ type DeliveryConfig struct {
 	// Default: 2000.
 	DestinationQueueLimit int `toml:"destination_queue_limit"`
 
+	// TLSCAFile is a PEM bundle of certificate authorities trusted, in
+	// addition to the system's, when verifying MX certificates (tls =
+	// "required"; opportunistic TLS does not verify). Default: "" (system
+	// roots only).
+	TLSCAFile string `toml:"tls_ca_file"`
+
 	// ScanInterval is the longest wait between two scans of the spool's
 	// due index (mail whose retry time has come). Default: 1s.
 	ScanInterval time.Duration `toml:"scan_interval"`

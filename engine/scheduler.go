@@ -2,7 +2,11 @@ package engine
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
+	"fmt"
+	"os"
 	"log/slog"
 	"math/rand/v2"
 	"sort"
@@ -164,6 +168,25 @@ func NewScheduler(cfg DeliveryConfig, opt SchedulerOptions) (*Scheduler, error) 
 	}
 	if opt.Hostname == "" {
 		opt.Hostname = cfg.Hostname
+	}
+	if cfg.TLSCAFile != "" {
+		pem, err := os.ReadFile(cfg.TLSCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("delivery.tls_ca_file: %w", err)
+		}
+		roots, err := x509.SystemCertPool()
+		if err != nil || roots == nil {
+			roots = x509.NewCertPool()
+		}
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("delivery.tls_ca_file: no certificate in %s", cfg.TLSCAFile)
+		}
+		tc := &tls.Config{}
+		if cfg.TLSConfig != nil {
+			tc = cfg.TLSConfig.Clone()
+		}
+		tc.RootCAs = roots
+		cfg.TLSConfig = tc
 	}
 	s := &Scheduler{
 		cfg:    cfg,
