@@ -64,10 +64,8 @@ func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
 		a.conn = nil
 	}
 	if a.conn != nil {
-		if err := a.conn.Reset(s.ctx); err != nil {
-			_ = a.conn.Close()
-			a.conn = nil
-		}
+		// Reused connection: RSET goes out pipelined with the next MAIL.
+		a.conn.ResetNext()
 	}
 	if a.conn == nil {
 		reply, destFail, perm := s.connect(a, j, &dv)

@@ -11,17 +11,25 @@ import (
 )
 
 // EventLog is the delivery log: one JSON object per line for each
-// reception (and, with the scheduler, each delivery, deferral, bounce and
-// expiry). Each line is written with one write(2) as it happens, so a
-// crash of the process loses no line of an acknowledged message (a crash of
-// the machine may lose what the kernel had not written back).
+// reception, delivery, deferral, bounce and expiry. Lines are buffered and
+// written at least every FlushInterval (and when 64 KiB are waiting), so a
+// crash of the process may lose the last fraction of a second of log lines
+// — never a message: the spool, not the log, is the record of what is
+// queued.
 type EventLog struct {
 	mu     sync.Mutex
 	w      io.Writer
 	c      io.Closer
 	buf    []byte
 	closed bool
+	stop   chan struct{}
+	done   chan struct{}
 }
+
+// FlushInterval bounds how long a log line waits in memory.
+const FlushInterval = 100 * time.Millisecond
+
+const flushSize = 64 << 10
 
 // OpenEventLog opens the log at path, appending; "-" is standard output.
 func OpenEventLog(path string) (*EventLog, error) {
@@ -37,17 +45,48 @@ func OpenEventLog(path string) (*EventLog, error) {
 
 // NewEventLog writes to w; c, when non-nil, is closed by Close.
 func NewEventLog(w io.Writer, c io.Closer) *EventLog {
-	return &EventLog{w: w, c: c}
+	l := &EventLog{w: w, c: c, buf: make([]byte, 0, flushSize+4096), stop: make(chan struct{}), done: make(chan struct{})}
+	go l.flusher()
+	return l
 }
 
-// Close closes the log.
+func (l *EventLog) flusher() {
+	defer close(l.done)
+	t := time.NewTicker(FlushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			l.mu.Lock()
+			l.flushLocked()
+			l.mu.Unlock()
+		case <-l.stop:
+			return
+		}
+	}
+}
+
+func (l *EventLog) flushLocked() {
+	if len(l.buf) > 0 {
+		_, _ = l.w.Write(l.buf)
+		l.buf = l.buf[:0]
+	}
+}
+
+// Close flushes and closes the log.
 func (l *EventLog) Close() error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed {
+		l.mu.Unlock()
 		return nil
 	}
 	l.closed = true
+	l.mu.Unlock()
+	close(l.stop)
+	<-l.done
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.flushLocked()
 	if l.c != nil {
 		return l.c.Close()
 	}
@@ -61,8 +100,10 @@ func (l *EventLog) write(v any) {
 	}
 	l.mu.Lock()
 	if !l.closed {
-		l.buf = append(append(l.buf[:0], b...), '\n')
-		_, _ = l.w.Write(l.buf)
+		l.buf = append(append(l.buf, b...), '\n')
+		if len(l.buf) >= flushSize {
+			l.flushLocked()
+		}
 	}
 	l.mu.Unlock()
 }

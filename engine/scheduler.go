@@ -84,6 +84,7 @@ type Scheduler struct {
 	conns    int
 	closing  bool
 	scanAt   time.Time
+	lastTick time.Time
 	cursorT  time.Time
 	cursorID spool.ID
 
@@ -300,7 +301,10 @@ func (s *Scheduler) loop() {
 			continue
 		}
 		now := s.now()
-		s.tick(now)
+		if now.Sub(s.lastTick) >= tickEvery || !now.Before(s.scanAt) {
+			s.lastTick = now
+			s.tick(now)
+		}
 		s.dispatch(now)
 	}
 }

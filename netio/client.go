@@ -271,6 +271,7 @@ const (
 	clientExtSMTPUTF8
 	clientExtDSN
 	clientExtStartTLS
+	clientExtChunking
 )
 
 // clientStep indexes the per-connection cache of the last reply per step.
@@ -471,6 +472,8 @@ func (c *ClientConn) parseEHLO(msg string) {
 			c.exts |= clientExtDSN
 		case "STARTTLS":
 			c.exts |= clientExtStartTLS
+		case "CHUNKING":
+			c.exts |= clientExtChunking
 		}
 	}
 }
@@ -615,6 +618,11 @@ func (c *ClientConn) Reset(ctx context.Context) error {
 	c.needReset = false
 	return nil
 }
+
+// ResetNext makes the next Send start with RSET, pipelined with MAIL when
+// the server offers PIPELINING: a reused connection is reset and checked
+// without a round trip of its own.
+func (c *ClientConn) ResetNext() { c.needReset = true }
 
 // Quit sends QUIT, waits up to ConnectTimeout for the reply and closes the
 // connection. It returns the error of that exchange; the connection is

@@ -174,6 +174,9 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 			}
 		}
 	}
+	if pipe && c.exts&clientExtChunking != 0 {
+		return c.sendChunked(res, env, body, size, utf8, reset, start)
+	}
 	c.writeMail(env, size, utf8)
 	if pipe {
 		for i := range env.Rcpts {
@@ -280,6 +283,108 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 	res.Timing.Acked = time.Since(wrote)
 	res.Data = rep
 	return res, nil
+}
+
+// sendChunked runs the transaction with CHUNKING (RFC 3030) over
+// PIPELINING: MAIL, every RCPT and "BDAT n LAST" with the whole message go
+// out in one write, and the replies come back in one round trip. The
+// message is sent as is (no dot-stuffing), its line endings normalised to
+// CRLF. A server must consume a BDAT chunk even when it refuses it, so the
+// connection stays in step when MAIL or every RCPT was refused.
+func (c *ClientConn) sendChunked(res *SendResult, env *ClientEnvelope, body []byte, size int64, utf8, reset bool, start time.Time) (*SendResult, error) {
+	body = clientNormalize(body)
+	c.writeMail(env, size, utf8)
+	for i := range env.Rcpts {
+		c.writeRcpt(env, i)
+	}
+	c.bw.WriteString("BDAT ")
+	c.bw.WriteString(strconv.Itoa(len(body)))
+	c.bw.WriteString(" LAST\r\n")
+	c.wtimeout = c.cfg.DataBlockTimeout
+	c.bw.Write(body)
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		return res, c.ioError("BDAT", err)
+	}
+	wrote := time.Now()
+	res.Timing.Wrote = wrote.Sub(start)
+	if reset {
+		if err := c.readReset(); err != nil {
+			return res, err
+		}
+	}
+	mail, err := c.reply(c.cfg.MailTimeout, clientStepMail)
+	if err != nil {
+		return res, c.ioError("MAIL", err)
+	}
+	res.Mail = mail
+	mailOK := mail.Code/100 == 2
+	accepted := 0
+	for i := range env.Rcpts {
+		rep, err := c.reply(c.cfg.RcptTimeout, clientStepRcpt)
+		if err != nil {
+			return res, c.ioError("RCPT", err)
+		}
+		if !mailOK {
+			rep = mail
+		}
+		res.Rcpts[i] = rep
+		if rep.Code/100 == 2 {
+			accepted++
+		}
+	}
+	rep, err := c.reply(c.cfg.DataTermTimeout, clientStepDot)
+	if err != nil {
+		return res, c.ioError("BDAT", err)
+	}
+	res.Timing.Acked = time.Since(wrote)
+	if mailOK && accepted > 0 {
+		res.Data = rep
+		if rep.Code/100 != 2 {
+			c.needReset = c.closing == nil
+		}
+	} else {
+		c.needReset = mailOK && c.closing == nil
+	}
+	return res, nil
+}
+
+// clientNormalize returns body with every line ending CRLF and a final
+// CRLF, copying only when it must.
+func clientNormalize(body []byte) []byte {
+	clean := len(body) >= 2 && body[len(body)-2] == '\r' && body[len(body)-1] == '\n'
+	for i := 0; clean && i < len(body); {
+		j := clientIndexEOL(body[i:])
+		if j < 0 {
+			break
+		}
+		j += i
+		if body[j] != '\r' || j+1 >= len(body) || body[j+1] != '\n' {
+			clean = false
+			break
+		}
+		i = j + 2
+	}
+	if clean || len(body) == 0 {
+		return body
+	}
+	out := make([]byte, 0, len(body)+len(body)/32+2)
+	for len(body) > 0 {
+		i := clientIndexEOL(body)
+		if i < 0 {
+			out = append(out, body...)
+			break
+		}
+		out = append(out, body[:i]...)
+		out = append(out, '\r', '\n')
+		if body[i] == '\r' && i+1 < len(body) && body[i+1] == '\n' {
+			i++
+		}
+		body = body[i+1:]
+	}
+	if n := len(out); n < 2 || out[n-2] != '\r' || out[n-1] != '\n' {
+		out = append(out, '\r', '\n')
+	}
+	return out
 }
 
 // reply reads the reply to a command of a transaction. After a 421 the

@@ -25,6 +25,8 @@ import (
 	"time"
 
 	gosmtp "github.com/emersion/go-smtp"
+
+	"github.com/hermod-mta/hermod/engine"
 )
 
 // The end-to-end tests run the real hermod binary, built once per test run.
@@ -328,7 +330,10 @@ func TestE2EClientsAndCrashRecovery(t *testing.T) {
 		t.Fatalf("smuggling attempt: %q", rawOut)
 	}
 
-	// Crash: SIGKILL, then restart on the same spool.
+	// Crash: SIGKILL, then restart on the same spool. (Wait out the
+	// delivery log's flush interval first: log lines, unlike messages, may
+	// be lost in a crash.)
+	time.Sleep(3 * engine.FlushInterval)
 	d.kill(syscall.SIGKILL)
 	d.start()
 	for _, id := range ids {

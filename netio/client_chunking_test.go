@@ -1,0 +1,132 @@
+package netio
+
+import (
+	"context"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hermod-mta/hermod/internal/smtperr"
+)
+
+// refusingBackend refuses recipients at refuse.test and records messages.
+type refusingBackend struct {
+	mu   sync.Mutex
+	msgs []fakeMsg
+}
+
+func (b *refusingBackend) Connect(*ConnInfo) *smtperr.Error { return nil }
+func (b *refusingBackend) Mail(*Envelope) *smtperr.Error    { return nil }
+func (b *refusingBackend) Rcpt(_ *Envelope, r string) *smtperr.Error {
+	if strings.HasSuffix(r, "@refuse.test") {
+		return smtperr.New(550, "5.1.1", "no such user")
+	}
+	return nil
+}
+func (b *refusingBackend) Data(env *Envelope, body []byte, done func(*smtperr.Error)) {
+	b.mu.Lock()
+	b.msgs = append(b.msgs, fakeMsg{env: Envelope{From: env.From, Rcpts: append([]string(nil), env.Rcpts...), Chunked: env.Chunked}, body: string(body)})
+	b.mu.Unlock()
+	done(smtperr.New(250, "2.0.0", "Ok: queued"))
+}
+
+// TestClientChunkingAgainstServer sends with BDAT (one round trip per
+// message) to Hermod's own server, which offers CHUNKING and PIPELINING,
+// with a pipelined RSET between messages.
+func TestClientChunkingAgainstServer(t *testing.T) {
+	b := &refusingBackend{}
+	_, addr := startServer(t, ServerConfig{}, b, nil)
+	cfg := DefaultClientConfig()
+	cfg.Hostname = "client.test"
+	cfg.TLS = TLSDisabled
+	ctx := context.Background()
+	c, err := Dial(ctx, &cfg, "mx.test", netip.MustParseAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !c.Has("CHUNKING") {
+		t.Fatal("server does not offer CHUNKING")
+	}
+	cases := []struct {
+		rcpts    []string
+		body     string
+		stored   string
+		accepted bool
+	}{
+		{[]string{"a@ok.test"}, "Subject: 1\r\n\r\n.leading dot stays\r\n", "Subject: 1\r\n\r\n.leading dot stays\r\n", true},
+		{[]string{"a@ok.test", "b@refuse.test"}, "Subject: 2\r\n\r\nbare\nlf and no final newline", "Subject: 2\r\n\r\nbare\r\nlf and no final newline\r\n", true},
+		{[]string{"c@refuse.test"}, "Subject: 3\r\n\r\nnobody\r\n", "", false},
+		{[]string{"d@ok.test"}, "Subject: 4\r\n\r\n.\r\n..\r\n", "Subject: 4\r\n\r\n.\r\n..\r\n", true},
+	}
+	for i, cs := range cases {
+		if i > 0 {
+			c.ResetNext()
+		}
+		res, err := c.Send(ctx, &ClientEnvelope{From: "s@x.test", Rcpts: cs.rcpts}, []byte(cs.body))
+		if err != nil {
+			t.Fatalf("message %d: %v", i+1, err)
+		}
+		for k, r := range cs.rcpts {
+			out := res.Outcome(k)
+			want := 250
+			if strings.HasSuffix(r, "@refuse.test") {
+				want = 550
+			}
+			if out == nil || out.Code != want {
+				t.Errorf("message %d rcpt %s: outcome %v, want %d", i+1, r, out, want)
+			}
+		}
+		if (res.Data != nil) != cs.accepted {
+			t.Errorf("message %d: data reply %v, accepted %v", i+1, res.Data, cs.accepted)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b.mu.Lock()
+		n := len(b.msgs)
+		b.mu.Unlock()
+		if n == 3 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.msgs) != 3 {
+		t.Fatalf("%d messages stored, want 3", len(b.msgs))
+	}
+	k := 0
+	for _, cs := range cases {
+		if !cs.accepted {
+			continue
+		}
+		m := b.msgs[k]
+		k++
+		if m.body != cs.stored || !m.env.Chunked {
+			t.Errorf("stored %q (chunked %v), want %q", m.body, m.env.Chunked, cs.stored)
+		}
+	}
+	if !c.Usable() {
+		t.Fatal("connection unusable after the transactions")
+	}
+}
+
+func TestClientNormalize(t *testing.T) {
+	cases := map[string]string{
+		"":             "",
+		"a\r\n":        "a\r\n",
+		"a":            "a\r\n",
+		"a\nb\rc\r\n":  "a\r\nb\r\nc\r\n",
+		"a\r\r\nb":     "a\r\n\r\nb\r\n",
+		".x\r\n..\r\n": ".x\r\n..\r\n",
+		"x\r":          "x\r\n",
+	}
+	for in, want := range cases {
+		if got := string(clientNormalize([]byte(in))); got != want {
+			t.Errorf("clientNormalize(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
