@@ -28,8 +28,8 @@ type asyncBackend struct {
 	delay time.Duration
 }
 
-func (b *asyncBackend) Connect(*ConnInfo) *smtperr.Error            { return nil }
-func (b *asyncBackend) Mail(*Envelope) *smtperr.Error               { return nil }
+func (b *asyncBackend) Connect(*ConnInfo) *smtperr.Error          { return nil }
+func (b *asyncBackend) Mail(*Envelope) *smtperr.Error             { return nil }
 func (b *asyncBackend) Rcpt(_ *Envelope, _ string) *smtperr.Error { return nil }
 func (b *asyncBackend) Data(env *Envelope, body []byte, done func(*smtperr.Error)) {
 	e := *env
