@@ -59,29 +59,6 @@ func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
 	if j.ready.IsZero() || dv.queue < 0 {
 		dv.queue = 0
 	}
-	if a.conn != nil && !a.conn.Usable() {
-		_ = a.conn.Close()
-		a.conn = nil
-	}
-	if a.conn != nil {
-		// Reused connection: RSET goes out pipelined with the next MAIL.
-		a.conn.ResetNext()
-	}
-	if a.conn == nil {
-		reply, destFail, perm := s.connect(a, j, &dv)
-		if a.conn == nil {
-			class := outDeferred
-			if perm {
-				class = outBounced
-			}
-			return s.record(j, a, allSame(len(j.rcpts), class, reply), destFail, &dv)
-		}
-	} else {
-		dv.mx = a.mx
-		dv.ip = a.conn.RemoteAddr().Addr().String()
-		_, _, _, dv.tls = a.conn.TLSInfo()
-	}
-
 	body, err := s.st.Body(msg.ID)
 	if err != nil {
 		if errors.Is(err, spool.ErrNotFound) {
@@ -94,23 +71,53 @@ func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
 	for _, i := range j.rcpts {
 		env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
 	}
-	t0 := s.now()
-	sr, err := a.conn.Send(s.ctx, env, body)
-	dv.xmit = s.now().Sub(t0)
-	a.sent++
-	outs := make([]rcptOutcome, len(j.rcpts))
-	for k := range j.rcpts {
-		var reply *smtperr.Error
-		if sr != nil && len(sr.Rcpts) == len(j.rcpts) {
-			reply = sr.Outcome(k)
+	for try := 0; ; try++ {
+		if a.conn != nil && !a.conn.Usable() {
+			_ = a.conn.Close()
+			a.conn = nil
 		}
-		outs[k].class, outs[k].reply = classify(reply, err)
+		reused := a.conn != nil
+		if reused {
+			// RSET goes out pipelined with the next MAIL.
+			a.conn.ResetNext()
+			dv.mx = a.mx
+			dv.ip = a.conn.RemoteAddr().Addr().String()
+			_, _, _, dv.tls = a.conn.TLSInfo()
+		} else {
+			reply, destFail, perm := s.connect(a, j, &dv)
+			if a.conn == nil {
+				class := outDeferred
+				if perm {
+					class = outBounced
+				}
+				return s.record(j, a, allSame(len(j.rcpts), class, reply), destFail, &dv)
+			}
+		}
+		t0 := s.now()
+		sr, err := a.conn.Send(s.ctx, env, body)
+		dv.xmit = s.now().Sub(t0)
+		if err != nil && !a.conn.Usable() {
+			_ = a.conn.Close()
+			a.conn = nil
+			if reused && try == 0 && (sr == nil || sr.Mail == nil) && s.ctx.Err() == nil {
+				// The server had closed the cached connection before
+				// this transaction began: not the message's fault, try
+				// again on a new connection.
+				s.m.staleConns.Add(1)
+				continue
+			}
+		}
+		a.sent++
+		outs := make([]rcptOutcome, len(j.rcpts))
+		for k := range j.rcpts {
+			var reply *smtperr.Error
+			if sr != nil && len(sr.Rcpts) == len(j.rcpts) {
+				reply = sr.Outcome(k)
+			}
+			outs[k].class, outs[k].reply = classify(reply, err)
+		}
+		return s.record(j, a, outs, false, &dv)
 	}
-	if err != nil && !a.conn.Usable() {
-		_ = a.conn.Close()
-		a.conn = nil
-	}
-	return s.record(j, a, outs, false, &dv)
 }
 
 type rcptOutcome struct {

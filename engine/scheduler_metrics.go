@@ -15,6 +15,7 @@ type schedCounters struct {
 	overflow   atomic.Int64 // enqueues left to the spool scan
 	destFull   atomic.Int64 // admissions refused by a full destination queue
 	scanned    atomic.Int64 // messages admitted from the due index
+	staleConns atomic.Int64 // cached connections found closed by the server
 	activeMsgs atomic.Int64
 	ready      atomic.Int64
 	conns      atomic.Int64

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/mail"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -70,6 +73,9 @@ func newRelayEnv(t *testing.T) *relayEnv {
 		Listen:   []string{fmt.Sprintf("127.0.0.2:%d", port), fmt.Sprintf("127.0.0.3:%d", port), fmt.Sprintf("127.0.0.6:%d", port)},
 		Hostname: "sink.test",
 		Capture:  captureDomains,
+		// Shorter than the daemon's idle_timeout: cached connections go
+		// stale under it.
+		IdleTimeout: 500 * time.Millisecond,
 		Seed:     1,
 		Faults: bench.Faults{
 			Domain: map[string]bench.FaultRule{
@@ -188,6 +194,16 @@ func TestE2EDelivery(t *testing.T) {
 	}
 	if !strings.Contains(string(got[0].Raw), "Received: from client.test") || got[0].From != "a@sender.test" {
 		t.Errorf("delivered message: from %q\n%s", got[0].From, got[0].Raw)
+	}
+
+	// The sink has closed the idle connection by now: the next message
+	// must go out on a new connection at once, not be deferred.
+	time.Sleep(800 * time.Millisecond)
+	sendMsg(t, d.smtp, "a@sender.test", []string{"u2@good.test"}, "to good again")
+	env.waitCaptured("good.test", 2, 10*time.Second)
+	if logData, _ := os.ReadFile(filepath.Join(dir, "delivery.log")); strings.Contains(string(logData), `"deferred","msg_id"`) &&
+		strings.Contains(string(logData), `"rcpt":"u2@good.test"`) && regexp.MustCompile(`"deferred"[^\n]*u2@good.test`).Match(logData) {
+		t.Errorf("a stale cached connection deferred the message:\n%s", logData)
 	}
 
 	sendMsg(t, d.smtp, "a@sender.test", []string{"u@fallback.test"}, "fallback")
