@@ -76,7 +76,7 @@ func newRelayEnv(t *testing.T) *relayEnv {
 		// Shorter than the daemon's idle_timeout: cached connections go
 		// stale under it.
 		IdleTimeout: 500 * time.Millisecond,
-		Seed:     1,
+		Seed:        1,
 		Faults: bench.Faults{
 			Domain: map[string]bench.FaultRule{
 				"retry.test":  {Greylist: true},
