@@ -59,7 +59,13 @@ func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
 	if j.ready.IsZero() || dv.queue < 0 {
 		dv.queue = 0
 	}
-	body, err := s.st.Body(msg.ID)
+	j.e.mu.Lock()
+	body := j.e.body
+	j.e.mu.Unlock()
+	var err error
+	if body == nil {
+		body, err = s.st.Body(msg.ID)
+	}
 	if err != nil {
 		if errors.Is(err, spool.ErrNotFound) {
 			// Removed meanwhile (admin delete): nothing to do.
@@ -339,7 +345,7 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 		return
 	}
 	s.m.dsns.Add(1)
-	s.Enqueue(bm)
+	s.Enqueue(bm, dsn.Body)
 }
 
 // replyStatus splits a recorded reply ("550 5.1.1 text") into the DSN

@@ -105,9 +105,11 @@ type ReceiverOptions struct {
 	Logger *slog.Logger
 	// Log gets one record per received message. nil discards them.
 	Log *EventLog
-	// Accepted, when set, is called with each message once it is durable:
-	// the hot path to the scheduler. It must not block.
-	Accepted func(*spool.Message)
+	// Accepted, when set, is called with each message and its body once
+	// the message is durable: the hot path to the scheduler (which may
+	// keep the body to deliver without reading it back). It must not
+	// block, nor modify body.
+	Accepted func(msg *spool.Message, body []byte)
 	// Now returns the current time. nil means time.Now.
 	Now func() time.Time
 }
@@ -222,7 +224,7 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 		}
 		done(smtperr.New(250, "2.0.0", "Ok: queued as %s", msg.ID.String()))
 		if r.opt.Accepted != nil {
-			r.opt.Accepted(msg)
+			r.opt.Accepted(msg, full)
 		}
 	})
 }

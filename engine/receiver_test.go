@@ -101,7 +101,7 @@ func TestReceiverEndToEnd(t *testing.T) {
 	var buf bytes.Buffer
 	elog := NewEventLog(&buf, nil)
 	accepted := make(chan *spool.Message, 10)
-	r, err := NewReceiver(RelayConfig{}, ReceiverOptions{Hostname: "mx.test", Store: st, Log: elog, Accepted: func(m *spool.Message) { accepted <- m }})
+	r, err := NewReceiver(RelayConfig{}, ReceiverOptions{Hostname: "mx.test", Store: st, Log: elog, Accepted: func(m *spool.Message, _ []byte) { accepted <- m }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hermod-mta/hermod/dnscache"
@@ -88,7 +89,8 @@ type Scheduler struct {
 	cursorT  time.Time
 	cursorID spool.ID
 
-	m schedCounters
+	m           schedCounters
+	cachedBytes atomic.Int64 // bodies held by the hot path
 
 	// spawn starts an agent; tests replace it to drive agents by hand.
 	spawn func(a *agent, j *job)
@@ -97,6 +99,7 @@ type Scheduler struct {
 // entry is a message in the active set.
 type entry struct {
 	msg  *spool.Message
+	body []byte     // the spooled message when the hot path brought it, else nil
 	jobs int        // jobs not yet finished (loop-owned)
 	mu   sync.Mutex // serialises agents updating msg and its spool records
 }
@@ -136,7 +139,10 @@ type agent struct {
 
 type event any
 
-type evEnqueue struct{ msg *spool.Message }
+type evEnqueue struct {
+	msg  *spool.Message
+	body []byte
+}
 type evDone struct {
 	a   *agent
 	j   *job
@@ -236,11 +242,34 @@ func (s *Scheduler) Stop(ctx context.Context) error {
 // (the hot path: no polling between acceptance and the first attempt).
 // It never blocks: when the loop is saturated the message simply waits in
 // the spool for the next scan.
-func (s *Scheduler) Enqueue(msg *spool.Message) {
+//
+// body, when not nil, is the message as spooled: kept while the message is
+// in the active set (within a memory budget) so the first attempt need not
+// read it back from the spool. It must not be modified.
+func (s *Scheduler) Enqueue(msg *spool.Message, body []byte) {
+	if body != nil && (len(body) > maxCachedBody || s.cachedBytes.Add(int64(len(body))) > maxCachedBytes) {
+		if len(body) <= maxCachedBody {
+			s.cachedBytes.Add(-int64(len(body)))
+		}
+		body = nil
+	}
 	select {
-	case s.events <- evEnqueue{msg}:
+	case s.events <- evEnqueue{msg, body}:
 	default:
 		s.m.overflow.Add(1)
+		s.uncache(body)
+	}
+}
+
+// Bounds of the body cache of the hot path.
+const (
+	maxCachedBody  = 256 << 10
+	maxCachedBytes = 128 << 20
+)
+
+func (s *Scheduler) uncache(body []byte) {
+	if body != nil {
+		s.cachedBytes.Add(-int64(len(body)))
 	}
 }
 
@@ -330,9 +359,14 @@ func (s *Scheduler) handle(ev event) {
 	case evEnqueue:
 		if s.closing || len(s.active) >= s.cfg.ActiveLimit || s.active[ev.msg.ID] != nil {
 			s.m.overflow.Add(1)
+			s.uncache(ev.body)
 			return // it is in the spool; a scan will find it
 		}
-		s.admit(ev.msg, now)
+		if !s.admit(ev.msg, now) {
+			s.uncache(ev.body)
+		} else {
+			s.active[ev.msg.ID].body = ev.body
+		}
 	case evDone:
 		s.finishJob(ev.j, ev.res, now)
 		s.m.busy.Add(-1)
@@ -439,6 +473,10 @@ func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
 	}
 	j.e.jobs--
 	if j.e.jobs == 0 {
+		j.e.mu.Lock()
+		s.uncache(j.e.body)
+		j.e.body = nil
+		j.e.mu.Unlock()
 		delete(s.active, j.e.msg.ID)
 		s.m.activeMsgs.Store(int64(len(s.active)))
 	}

@@ -217,7 +217,7 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 		h.ids[name] = msg.ID
 		h.names[msg.ID] = name
 		if hot {
-			h.s.handle(evEnqueue{msg})
+			h.s.handle(evEnqueue{msg: msg})
 			if h.s.active[msg.ID] != nil {
 				fmt.Fprintf(&out, "%s admitted\n", name)
 			} else {
