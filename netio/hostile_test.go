@@ -130,7 +130,10 @@ var smugglers = []struct{ name, sep string }{
 	{"CRCRLF", "\r\r\n.\r\r\n"},
 	{"CRLF.CRCRLF", "\r\n.\r\r\n"},
 	{"LF.", "\n."},
+	{"NUL.", "\r\n\x00.\r\n"},
+	{".NUL", "\r\n.\x00\r\n"},
 	{"NUL LF.LF", "\x00\n.\n"},
+	{"CRLF.NUL CRLF", "\r\n.\x00\r\n\x00"},
 	{"CR LF . LF CR", "\r\n.\n\r"},
 }
 
@@ -251,6 +254,34 @@ func TestHostileSmugglingBDAT(t *testing.T) {
 				}
 				if !strings.HasSuffix(out, "250 2.0.0 Ok\r\n") {
 					t.Errorf("session out of step after the refused chunk: %q", out)
+				}
+			})
+		}
+	}
+}
+
+// TestHostileNULInData: RFC 5322 text and RFC 6152 8bit data exclude NUL
+// (RFC 2045 §2.7, §2.8); only BINARYMIME, which Hermod does not offer,
+// allows it. A NUL before a dot is a smuggling vector against receivers
+// that strip NULs. Such content is refused, in DATA and in BDAT.
+func TestHostileNULInData(t *testing.T) {
+	cases := []struct{ name, in string }{
+		{"data", hello + tx + "DATA\r\nSubject: t\r\n\r\na\x00b\r\n.\r\nNOOP\r\n"},
+		{"data 8bitmime", hello + "MAIL FROM:<a@x.test> BODY=8BITMIME\r\nRCPT TO:<b@y.test>\r\nDATA\r\n\x00\r\n.\r\nNOOP\r\n"},
+		{"bdat", hello + tx + "BDAT 4 LAST\r\na\x00\r\nNOOP\r\n"},
+		{"bdat two chunks", hello + tx + "BDAT 2\r\nabBDAT 3 LAST\r\n\x00\r\nNOOP\r\n"},
+	}
+	for _, c := range cases {
+		for _, chunk := range []int{0, 1} {
+			t.Run(fmt.Sprintf("%s/chunk%d", c.name, chunk), func(t *testing.T) {
+				b := &fakeBackend{}
+				out, act := runSession(t, testConfig(), b, c.in, chunk)
+				checkReplies(t, out)
+				if len(b.msgs) != 0 {
+					t.Fatalf("message with NUL committed: %q", b.msgs[0].body)
+				}
+				if act != ActNone || !strings.Contains(out, "554 5.6.0") || !strings.HasSuffix(out, "250 2.0.0 Ok\r\n") {
+					t.Fatalf("want 554 5.6.0 and the session going on, got %v %q", act, out)
 				}
 			})
 		}

@@ -165,6 +165,7 @@ var (
 	errBareLFData     = smtperr.New(554, "5.6.0", "Error: bare <LF> or <CR> in message data; lines must end with <CR><LF> (SMTP smuggling protection)")
 	errBareLFDotClose = smtperr.New(554, "5.6.0", "Error: bare <LF> or <CR> near end of data; message rejected, closing connection (SMTP smuggling protection)")
 	errDataLineLong   = smtperr.New(554, "5.6.0", "Error: message line longer than 1000 octets")
+	errNULData        = smtperr.New(554, "5.6.0", "Error: NUL octet in message data (not allowed in 7bit or 8bit content)")
 	errTLSNotOffered  = smtperr.New(502, "5.5.1", "Error: STARTTLS not offered")
 	errTLSActive      = smtperr.New(503, "5.5.1", "Error: TLS already active")
 	errTLSInMail      = smtperr.New(503, "5.5.1", "Error: MAIL transaction in progress")
@@ -180,8 +181,8 @@ var (
 //
 // Invariants: replies are produced in command order; nothing after a
 // STARTTLS line is ever interpreted; message content is terminated only by
-// <CRLF>.<CRLF> and content with a bare CR or LF is never handed to the
-// backend.
+// <CRLF>.<CRLF> and content with a bare CR or LF, or a NUL, is never
+// handed to the backend.
 type Session struct {
 	cfg    *ServerConfig
 	b      Backend
@@ -715,6 +716,11 @@ func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
 		if bytes.IndexByte(content, '\r') >= 0 {
 			s.noteDataErr(errBareLFData)
 		}
+		if bytes.IndexByte(content, 0) >= 0 {
+			// RFC 5322 text and RFC 2045 7bit/8bit data exclude NUL;
+			// some receivers strip it, turning "<NUL>." into a dot line.
+			s.noteDataErr(errNULData)
+		}
 		if len(content) == 1 && content[0] == '.' {
 			if bare || s.lastBare || bytes.IndexByte(content, '\r') >= 0 {
 				return consumed, false, true
@@ -740,7 +746,7 @@ func (s *Session) noteDataErr(e *smtperr.Error) {
 	if s.dataErr == nil {
 		s.dataErr = e
 	}
-	if e == errBareLFData || e == errTooBig {
+	if e == errBareLFData || e == errNULData || e == errTooBig {
 		// Keep the most important reason: smuggling and size trump
 		// line length.
 		if s.dataErr == errDataLineLong {
@@ -838,6 +844,10 @@ func (s *Session) readBDAT(p []byte) int {
 	s.bdatLeft -= int64(len(p))
 	s.DataBytes += int64(len(p))
 	if s.dataErr != nil {
+		return len(p)
+	}
+	if bytes.IndexByte(p, 0) >= 0 {
+		s.noteDataErr(errNULData) // no BINARYMIME: as in DATA
 		return len(p)
 	}
 	// Every LF must follow a CR, every CR must precede an LF.
