@@ -288,6 +288,34 @@ func TestHostileNULInData(t *testing.T) {
 	}
 }
 
+// TestHostileTooManyRecipients: a client that pipelines more recipients
+// than max_recipients gets 452 4.5.3 for the excess (RFC 5321
+// §4.5.3.1.10) and delivers the rest in this transaction. The 452 replies
+// are flow control, not errors: counting them towards max_errors would
+// drop the connection with 421 and lose the whole transaction, every time
+// the client retries.
+func TestHostileTooManyRecipients(t *testing.T) {
+	cfg := testConfig() // 100 recipients, 5 errors
+	var in strings.Builder
+	in.WriteString(hello + "MAIL FROM:<a@x.test>\r\n")
+	for i := 0; i < 130; i++ {
+		fmt.Fprintf(&in, "RCPT TO:<r%d@y.test>\r\n", i)
+	}
+	in.WriteString("DATA\r\nhi\r\n.\r\nQUIT\r\n")
+	b := &fakeBackend{}
+	out, act := runSession(t, cfg, b, in.String(), 0)
+	checkReplies(t, out)
+	if n := strings.Count(out, "452 4.5.3"); n != 30 {
+		t.Errorf("%d replies 452 4.5.3, want 30", n)
+	}
+	if strings.Contains(out, "421") || act != ActClose || !strings.HasSuffix(out, "221 2.0.0 Bye\r\n") {
+		t.Fatalf("session dropped: %v ...%q", act, out[max(0, len(out)-200):])
+	}
+	if len(b.msgs) != 1 || len(b.msgs[0].env.Rcpts) != 100 {
+		t.Fatalf("want one message to 100 recipients, got %d", len(b.msgs))
+	}
+}
+
 // TestHostileReplyCodes checks the exact reply (code and enhanced code) of
 // every error path a hostile or broken client can reach, and the form of
 // every reply.

@@ -425,7 +425,16 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 	case eqVerb(verb, "MAIL"):
 		return s.reply(out, s.mail(arg))
 	case eqVerb(verb, "RCPT"):
-		return s.reply(out, s.rcpt(arg))
+		r := s.rcpt(arg)
+		if r == errTooManyRcpts {
+			// Flow control, not a client error (RFC 5321 §4.5.3.1.10:
+			// the client sends the rest in another transaction). Counted
+			// as errors, a pipelined list longer than MaxRecipients +
+			// MaxErrors would end in 421 and the transaction would never
+			// get through (Postfix: smtpd_recipient_overshoot_limit).
+			return r.AppendReply(out), ActNone
+		}
+		return s.reply(out, r)
 	case eqVerb(verb, "DATA"):
 		return s.data(arg, out)
 	case eqVerb(verb, "BDAT"):
