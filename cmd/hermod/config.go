@@ -46,7 +46,7 @@ type SMTPSection struct {
 // HTTPSection is the [http] table.
 type HTTPSection struct {
 	// Listen is the address of /metrics, /debug/pprof, /healthz and the
-	// admin API. "" disables it. Default: "127.0.0.1:8025".
+	// admin API. "off" disables it. Default: "127.0.0.1:8025".
 	Listen string `toml:"listen"`
 }
 
@@ -58,8 +58,8 @@ type LogSection struct {
 	// Default: "text".
 	Format string `toml:"format"`
 	// DeliveryLog is the file receiving one JSON line per reception,
-	// delivery, deferral and bounce; "-" is standard output, "" disables
-	// it. Default: "data/delivery.log".
+	// delivery, deferral and bounce; "-" is standard output, "off"
+	// disables it. Default: "data/delivery.log".
 	DeliveryLog string `toml:"delivery_log"`
 }
 

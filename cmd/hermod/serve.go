@@ -105,7 +105,7 @@ func (d *daemonState) run(cfg Config) error {
 	log.Info("spool open", "dir", cfg.Spool.Dir, "messages", st.Messages)
 
 	var elog *engine.EventLog
-	if cfg.Log.DeliveryLog != "" {
+	if cfg.Log.DeliveryLog != "off" {
 		if cfg.Log.DeliveryLog != "-" {
 			_ = os.MkdirAll(filepath.Dir(cfg.Log.DeliveryLog), 0o750)
 		}
