@@ -3,6 +3,7 @@ package netio
 import (
 	"bytes"
 	"crypto/tls"
+	"math"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -556,8 +557,8 @@ func (s *Session) mail(arg []byte) *smtperr.Error {
 		key, val, hasVal := bytes.Cut(p, []byte("="))
 		switch {
 		case eqVerb(key, "SIZE"):
-			n, err := strconv.ParseInt(string(val), 10, 64)
-			if !hasVal || err != nil || n < 0 {
+			n, ok := parseSize(val)
+			if !hasVal || !ok {
 				return errBadParam
 			}
 			if n > s.cfg.MaxMessageSize {
@@ -597,6 +598,28 @@ func (s *Session) mail(arg []byte) *smtperr.Error {
 	}
 	s.env = env
 	return smtperr.New(250, "2.1.0", "Ok")
+}
+
+// parseSize parses an RFC 1870 size-value, 1*20DIGIT. Values beyond int64
+// (still valid syntax) come back as math.MaxInt64, so they are refused as
+// too big (552) rather than malformed (501).
+func parseSize(b []byte) (int64, bool) {
+	if len(b) == 0 || len(b) > 20 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		d := int64(c - '0')
+		if n > (math.MaxInt64-d)/10 {
+			n = math.MaxInt64
+			continue
+		}
+		n = n*10 + d
+	}
+	return n, true
 }
 
 func (s *Session) rcpt(arg []byte) *smtperr.Error {
