@@ -342,6 +342,7 @@ func TestHostileReplyCodes(t *testing.T) {
 		{"mail twice", hello + tx + "MAIL FROM:<a@x.test>\r\n", []string{"250-", "250", "250", "503 5.5.1"}},
 		{"rcpt no mail", hello + "RCPT TO:<a@y.test>\r\n", []string{"250-", "503 5.5.1"}},
 		{"data no rcpt", hello + "MAIL FROM:<a@x.test>\r\nDATA\r\n", []string{"250-", "250", "503 5.5.1"}},
+		{"bdat no rcpt", hello + "MAIL FROM:<a@x.test>\r\nBDAT 1 LAST\r\nxNOOP\r\n", []string{"250-", "250", "503 5.5.1", "250 2.0.0"}},
 		{"bdat refused rcpts", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\nBDAT 1 LAST\r\nx", []string{"250-", "250", "554 5.7.1", "554 5.5.1"}},
 		// RFC 2920 §3.1: DATA ends a group; after failed RCPTs the client
 		// sees the DATA refusal before sending content.

@@ -832,6 +832,8 @@ func (s *Session) bdat(arg []byte, out []byte) ([]byte, Action) {
 	switch {
 	case s.env == nil:
 		s.noteDataErr(errNeedMail)
+	case len(s.env.Rcpts) == 0 && !s.rcptTried:
+		s.noteDataErr(errNeedRcpt) // as DATA: 503, not 554
 	case len(s.env.Rcpts) == 0:
 		s.noteDataErr(errNoValidRcpt)
 	case !s.env.Chunked:
