@@ -163,7 +163,16 @@ func validDomain(b []byte) bool {
 	if len(b) == 0 || len(b) > maxDomain {
 		return false
 	}
-	for _, label := range bytes.Split(b, []byte(".")) {
+	for len(b) > 0 {
+		label := b
+		if i := bytes.IndexByte(b, '.'); i >= 0 {
+			label, b = b[:i], b[i+1:]
+			if len(b) == 0 {
+				return false // trailing dot
+			}
+		} else {
+			b = nil
+		}
 		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
 			return false
 		}

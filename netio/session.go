@@ -191,10 +191,11 @@ type Session struct {
 	info   ConnInfo
 	tls    bool // STARTTLS may be offered
 
-	phase   Phase
-	quit    bool
-	errors  int
-	discard bool // discarding an over-long command line up to its LF
+	phase    Phase
+	quit     bool
+	errors   int
+	discard  bool   // discarding an over-long command line up to its LF
+	progress uint64 // complete command lines and content octets consumed
 
 	env       *Envelope // current transaction, nil when none
 	rcptTried bool      // a RCPT was given in this transaction
@@ -225,6 +226,13 @@ func NewSession(cfg *ServerConfig, b Backend, info ConnInfo, tlsOK bool, notify 
 
 // Phase returns the current phase.
 func (s *Session) Phase() Phase { return s.phase }
+
+// Progress counts the complete command lines and the message content
+// octets consumed so far. The transport restarts its idle timer only when
+// it changes: octets of a command line that never ends (however many, and
+// even once the line is over-long and being discarded) are not progress,
+// so a client dribbling them is still cut off by the command timeout.
+func (s *Session) Progress() uint64 { return s.progress }
 
 // Quit reports whether the client ended the session with QUIT.
 func (s *Session) Quit() bool { return s.quit }
@@ -261,6 +269,7 @@ func (s *Session) Feed(in []byte, out []byte) (int, []byte, Action) {
 		case PhaseData:
 			c, done, closeNow := s.readData(in[n:])
 			n += c
+			s.progress += uint64(c)
 			if closeNow {
 				s.resetTxn()
 				s.phase = PhaseClosed
@@ -277,6 +286,7 @@ func (s *Session) Feed(in []byte, out []byte) (int, []byte, Action) {
 		case PhaseBDAT:
 			c := s.readBDAT(in[n:])
 			n += c
+			s.progress += uint64(c)
 			if s.bdatLeft > 0 {
 				return n, out, ActNone
 			}
@@ -299,6 +309,7 @@ func (s *Session) Feed(in []byte, out []byte) (int, []byte, Action) {
 			}
 			line := in[n : n+i+1]
 			n += i + 1
+			s.progress++
 			if s.discard {
 				s.discard = false
 				var act Action
@@ -597,8 +608,10 @@ func (s *Session) mail(arg []byte) *smtperr.Error {
 		return r
 	}
 	s.env = env
-	return smtperr.New(250, "2.1.0", "Ok")
+	return replyMailOK
 }
+
+var replyMailOK = smtperr.New(250, "2.1.0", "Ok")
 
 // parseSize parses an RFC 1870 size-value, 1*20DIGIT. Values beyond int64
 // (still valid syntax) come back as math.MaxInt64, so they are refused as
