@@ -453,6 +453,13 @@ func TestHostileSlowloris(t *testing.T) {
 		d.expect("250")
 		expectTimeoutWhileDribbling(t, d.c, d.r, "NOOP NOOP NOOP", 6*time.Second)
 	})
+	t.Run("over-long line", func(t *testing.T) {
+		t.Parallel()
+		d := dial(t, addr)
+		d.expect("220")
+		d.send(strings.Repeat("A", 3000)) // discarded: the session waits for its LF
+		expectTimeoutWhileDribbling(t, d.c, d.r, "A", 6*time.Second)
+	})
 }
 
 // startTLSDialog runs EHLO and STARTTLS on a new connection and returns a

@@ -216,6 +216,7 @@ type conn struct {
 	outcome string              // how the session ended, for metrics
 
 	handedOff bool
+	progress  uint64 // the session's Progress when lastActive was set
 	released  atomic.Bool
 	tlsMode   atomic.Bool
 	netConn   atomic.Pointer[net.Conn]
@@ -235,11 +236,15 @@ func (c *conn) notify(r *smtperr.Error) {
 	}
 }
 
-// track publishes the session's phase for the ticker.
-func (c *conn) track(now int64, consumed bool) {
+// track publishes the session's phase for the ticker. The idle timer
+// restarts when the session made progress (a complete command, content
+// octets) or changed phase, not on any octet read: a partial command line
+// does not extend the command timeout.
+func (c *conn) track(now int64) {
 	ph := c.sess.Phase()
 	old := Phase(c.phase.Swap(uint32(ph)))
-	if consumed || old != ph {
+	if p := c.sess.Progress(); p != c.progress || old != ph {
+		c.progress = p
 		c.lastActive.Store(now)
 	}
 	if ph == PhaseData || ph == PhaseBDAT {
@@ -311,7 +316,9 @@ func (h *handler) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 	s.conns[c] = struct{}{}
 	s.mu.Unlock()
 	out, act := c.sess.Greeting(make([]byte, 0, 512))
-	c.track(time.Now().UnixNano(), true)
+	now := time.Now().UnixNano()
+	c.lastActive.Store(now)
+	c.track(now)
 	if act == ActClose {
 		c.outcome = "refused"
 		return out, gnet.Close
@@ -360,17 +367,15 @@ func (h *handler) OnTraffic(gc gnet.Conn) gnet.Action {
 			return gnet.None // input stays buffered until the commit is done
 		}
 	}
-	consumed := false
 	if act == ActNone {
 		buf, _ := gc.Peek(-1)
 		var n int
 		n, out, act = c.sess.Feed(buf, out)
 		if n > 0 {
 			_, _ = gc.Discard(n)
-			consumed = true
 		}
 	}
-	c.track(time.Now().UnixNano(), consumed)
+	c.track(time.Now().UnixNano())
 	if len(out) > 0 {
 		_, _ = gc.Write(out)
 	}
