@@ -484,6 +484,31 @@ func startTLSDialog(t *testing.T, addr string) *dialog {
 	return d2
 }
 
+// TestHostileTLSLongData: over TLS, a message whose DATA phase lasts
+// longer than command_timeout (a big message on a slow link, well above
+// min_data_rate) must still get its 250: the reply after the commit is
+// written with a fresh deadline, not the one set when 354 was sent.
+// Otherwise the client never learns the message was queued and sends it
+// again, for ever.
+func TestHostileTLSLongData(t *testing.T) {
+	cfg := ServerConfig{CommandTimeout: time.Second, DataTimeout: 3 * time.Second, MinDataRate: 1}
+	b := &asyncBackend{}
+	_, addr := startServer(t, cfg, b, selfSigned(t))
+	d := startTLSDialog(t, addr)
+	d.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+	d.expect("250")
+	d.expect("250")
+	d.expect("354")
+	for i := 0; i < 10; i++ { // 2.5 s of data, one line every 250 ms
+		time.Sleep(250 * time.Millisecond)
+		d.send(fmt.Sprintf("line %d\r\n", i))
+	}
+	d.send(".\r\n")
+	d.expect("250 2.0.0 Ok: queued as 1")
+	d.send("QUIT\r\n")
+	d.expect("221")
+}
+
 // TestHostileSTARTTLS covers the STARTTLS attacks and misuses of RFC 3207
 // and CVE-2011-0411's family against the server.
 func TestHostileSTARTTLS(t *testing.T) {

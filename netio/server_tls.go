@@ -88,6 +88,15 @@ func (s *Server) serveTLS(c *conn, fd int) {
 func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 	buf := make([]byte, 0, 64<<10)
 	out := make([]byte, 0, 512)
+	// write sends replies, each with a fresh deadline: a stale one (say,
+	// set with the 354 before a DATA phase longer than CommandTimeout)
+	// would fail the reply to a message already committed, and the client
+	// would send it again.
+	write := func(b []byte) error {
+		_ = nc.SetWriteDeadline(time.Now().Add(s.cfg.CommandTimeout))
+		_, err := nc.Write(b)
+		return err
+	}
 	var dataStart time.Time
 	for {
 		act := ActNone
@@ -96,7 +105,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 		buf = buf[:copy(buf, buf[n:])]
 		if act == ActPending {
 			if len(out) > 0 {
-				if _, err := nc.Write(out); err != nil {
+				if err := write(out); err != nil {
 					c.sess.Abort()
 					<-c.result
 					return "client_closed"
@@ -105,7 +114,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 			r := <-c.result
 			out, act = c.sess.Resume(r, out[:0])
 			if act == ActNone {
-				if _, err := nc.Write(out); err != nil {
+				if err := write(out); err != nil {
 					return "client_closed"
 				}
 				out = out[:0]
@@ -113,8 +122,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 			}
 		}
 		if len(out) > 0 {
-			_ = nc.SetWriteDeadline(time.Now().Add(s.cfg.CommandTimeout))
-			if _, err := nc.Write(out); err != nil {
+			if err := write(out); err != nil {
 				return "client_closed"
 			}
 		}
@@ -148,7 +156,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 		buf = buf[:start+m]
 		if err != nil && m == 0 {
 			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				_, _ = nc.Write(errTimeout.AppendReply(nil))
+				_ = write(errTimeout.AppendReply(nil))
 				return "timeout"
 			}
 			return "client_closed"
@@ -157,7 +165,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 			elapsed := time.Since(dataStart)
 			if elapsed > s.cfg.DataRateGrace && elapsed > time.Second &&
 				c.sess.DataBytes*int64(time.Second)/int64(elapsed) < s.cfg.MinDataRate {
-				_, _ = nc.Write(errSlowData.AppendReply(nil))
+				_ = write(errSlowData.AppendReply(nil))
 				return "timeout"
 			}
 		}
