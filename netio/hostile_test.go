@@ -484,6 +484,24 @@ func startTLSDialog(t *testing.T, addr string) *dialog {
 	return d2
 }
 
+// TestHostileSlowlorisTLS: the same after STARTTLS, where a goroutine with
+// socket deadlines serves the session instead of the event loop.
+func TestHostileSlowlorisTLS(t *testing.T) {
+	cfg := ServerConfig{CommandTimeout: time.Second, DataTimeout: 2 * time.Second}
+	_, addr := startServer(t, cfg, &asyncBackend{}, selfSigned(t))
+	t.Run("partial command", func(t *testing.T) {
+		t.Parallel()
+		d := startTLSDialog(t, addr)
+		expectTimeoutWhileDribbling(t, d.c, d.r, "NOOP NOOP NOOP", 6*time.Second)
+	})
+	t.Run("over-long line", func(t *testing.T) {
+		t.Parallel()
+		d := startTLSDialog(t, addr)
+		d.send(strings.Repeat("A", 3000))
+		expectTimeoutWhileDribbling(t, d.c, d.r, "A", 6*time.Second)
+	})
+}
+
 // TestHostileTLSLongData: over TLS, a message whose DATA phase lasts
 // longer than command_timeout (a big message on a slow link, well above
 // min_data_rate) must still get its 250: the reply after the commit is

@@ -98,6 +98,11 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 		return err
 	}
 	var dataStart time.Time
+	// The read deadline runs from the session's last progress (a complete
+	// command, content octets, a change of phase), as on the event loop:
+	// a client dribbling a command line that never ends is not kept alive
+	// by each octet.
+	lastActive, progress, lastPhase := time.Now(), c.sess.Progress(), c.sess.Phase()
 	for {
 		act := ActNone
 		var n int
@@ -136,6 +141,9 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 			return "protocol_error" // cannot happen: TLS is already active
 		}
 		phase := c.sess.Phase()
+		if p := c.sess.Progress(); p != progress || phase != lastPhase {
+			lastActive, progress, lastPhase = time.Now(), p, phase
+		}
 		timeout := s.cfg.CommandTimeout
 		inData := phase == PhaseData || phase == PhaseBDAT
 		if inData {
@@ -146,7 +154,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn) string {
 		} else {
 			dataStart = time.Time{}
 		}
-		_ = nc.SetReadDeadline(time.Now().Add(timeout))
+		_ = nc.SetReadDeadline(lastActive.Add(timeout))
 		if len(buf) == cap(buf) {
 			// Cannot happen: the session consumes or discards long lines.
 			return "protocol_error"
