@@ -1,14 +1,19 @@
 // Command hermod-bench drives any SMTP server for load tests: a sink MX, a
-// test DNS server and a load generator (see package bench, which does the
-// work; this command only binds flags).
+// test DNS server, a load generator, and whole scenario runs that put them
+// together around Hermod, Postfix or any MTA (see package bench, which does
+// the work; this command only binds flags). See BENCH.md.
 //
-//	hermod-bench sink [flags]   SMTP sink MX with fault injection and a JSON endpoint
-//	hermod-bench dns  [flags]   authoritative DNS for d0001.test… pointing at the sink
-//	hermod-bench load [flags]   send load to an SMTP server and report
+//	hermod-bench run SCENARIO [flags]       start DNS, sink and hermod (or --target), run, report
+//	hermod-bench compare SCENARIO --peer P  hermod vs postfix or direct, alternated, with ratios
+//	hermod-bench scenarios                  list the built-in scenarios
+//	hermod-bench sink [flags]               SMTP sink MX with fault injection and a JSON endpoint
+//	hermod-bench dns  [flags]               authoritative DNS for d0001.test… pointing at the sink
+//	hermod-bench load [flags]               send load to an SMTP server and report
 //	hermod-bench version
 //
-// Each subcommand takes -config FILE (TOML, the matching bench config
-// struct); flags given on the command line override the file.
+// sink, dns and load take -config FILE (TOML, the matching bench config
+// struct); flags given on the command line override the file. run and
+// compare take a scenario name or file.
 package main
 
 import (
@@ -36,10 +41,13 @@ var version = "dev"
 const usage = `usage: hermod-bench <command> [flags]
 
 commands:
-  sink     run an SMTP sink MX (fault injection, checksums, /stats JSON) until interrupted
-  dns      run an authoritative DNS server for the test domains until interrupted
-  load     send load to an SMTP server and print the result
-  version  print the version
+  run        run a scenario against hermod (or --target host:port) and report
+  compare    run a scenario against hermod and a peer (--peer postfix|direct), alternated, with ratios
+  scenarios  list the built-in scenarios
+  sink       run an SMTP sink MX (fault injection, checksums, /stats JSON) until interrupted
+  dns        run an authoritative DNS server for the test domains until interrupted
+  load       send load to an SMTP server and print the result
+  version    print the version
 
 Run "hermod-bench <command> -h" for the flags of a command.
 `
@@ -59,6 +67,12 @@ func main() {
 		err = cmdDNS(ctx, os.Args[2:], os.Stdout, os.Stderr)
 	case "load":
 		err = cmdLoad(ctx, os.Args[2:], os.Stdout, os.Stderr)
+	case "run":
+		err = cmdRun(ctx, os.Args[2:], os.Stdout, os.Stderr)
+	case "compare":
+		err = cmdCompare(ctx, os.Args[2:], os.Stdout, os.Stderr)
+	case "scenarios":
+		err = cmdScenarios(os.Args[2:], os.Stdout, os.Stderr)
 	case "version", "-version", "--version":
 		fmt.Println("hermod-bench", version)
 	case "help", "-h", "-help", "--help":
