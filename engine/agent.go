@@ -25,15 +25,15 @@ var (
 	errNoMX   = smtperr.New(451, "4.4.1", "no mail exchanger could be reached")
 )
 
-// runAgent is one outbound connection: it delivers jobs to its destination
-// until the loop answers nil.
-func (s *Scheduler) runAgent(a *agent, j *job) {
+// runAgent is one outbound connection: it delivers batches of jobs to its
+// destination until the loop answers nil.
+func (s *Scheduler) runAgent(a *agent, jobs []*job) {
 	defer s.agentWG.Done()
-	for j != nil {
-		res := s.attempt(a, j)
+	for jobs != nil {
+		res := s.attempt(a, jobs)
 		a.usable = a.conn != nil && a.conn.Usable()
-		s.events <- evDone{a: a, j: j, res: res}
-		j = <-a.next
+		s.events <- evDone{a: a, jobs: jobs, res: res}
+		jobs = <-a.next
 	}
 	if a.conn != nil {
 		_ = a.conn.Quit()
@@ -50,32 +50,48 @@ type delivery struct {
 	xmit            time.Duration
 }
 
-// attempt runs one transaction for j (connecting first when needed) and
+// attempt runs the transactions of jobs (all to a.d) over one connection,
+// connecting first when needed, pipelined when the server allows, and
 // writes every recipient's outcome to the spool before returning.
-func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
+func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 	start := s.now()
-	msg := j.e.msg
-	dv := delivery{queue: start.Sub(j.ready)}
-	if j.ready.IsZero() || dv.queue < 0 {
-		dv.queue = 0
-	}
-	j.e.mu.Lock()
-	body := j.e.body
-	j.e.mu.Unlock()
-	var err error
-	if body == nil {
-		body, err = s.st.Body(msg.ID)
-	}
-	if err != nil {
-		if errors.Is(err, spool.ErrNotFound) {
-			// Removed meanwhile (admin delete): nothing to do.
-			return &attemptResult{}
+	results := make([]*attemptResult, len(jobs))
+	dvs := make([]delivery, len(jobs))
+	envs := make([]*netio.ClientEnvelope, 0, len(jobs))
+	bodies := make([][]byte, 0, len(jobs))
+	live := make([]int, 0, len(jobs)) // indexes of jobs to send
+	for k, j := range jobs {
+		msg := j.e.msg
+		dvs[k].queue = max(0, start.Sub(j.ready))
+		if j.ready.IsZero() {
+			dvs[k].queue = 0
 		}
-		return s.record(j, a, allSame(len(j.rcpts), outDeferred, smtperr.New(451, "4.3.0", "local error reading the queued message: %v", err)), false, &dv)
+		j.e.mu.Lock()
+		body := j.e.body
+		j.e.mu.Unlock()
+		var err error
+		if body == nil {
+			body, err = s.st.Body(msg.ID)
+		}
+		if err != nil {
+			if errors.Is(err, spool.ErrNotFound) {
+				// Removed meanwhile (admin delete): nothing to do.
+				results[k] = &attemptResult{}
+				continue
+			}
+			results[k] = s.record(j, a, allSame(len(j.rcpts), outDeferred, smtperr.New(451, "4.3.0", "local error reading the queued message: %v", err)), false, &dvs[k])
+			continue
+		}
+		env := &netio.ClientEnvelope{From: msg.From, Size: int64(len(body)), Body8Bit: msg.Body8Bit, SMTPUTF8: msg.SMTPUTF8, EnvID: msg.EnvID, Ret: msg.Ret}
+		for _, i := range j.rcpts {
+			env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
+		}
+		envs = append(envs, env)
+		bodies = append(bodies, body)
+		live = append(live, k)
 	}
-	env := &netio.ClientEnvelope{From: msg.From, Size: int64(len(body)), Body8Bit: msg.Body8Bit, SMTPUTF8: msg.SMTPUTF8, EnvID: msg.EnvID, Ret: msg.Ret}
-	for _, i := range j.rcpts {
-		env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
+	if len(live) == 0 {
+		return results
 	}
 	for try := 0; ; try++ {
 		if a.conn != nil && !a.conn.Usable() {
@@ -83,6 +99,7 @@ func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
 			a.conn = nil
 		}
 		reused := a.conn != nil
+		var dv delivery
 		if reused {
 			// RSET goes out pipelined with the next MAIL.
 			a.conn.ResetNext()
@@ -90,39 +107,50 @@ func (s *Scheduler) attempt(a *agent, j *job) *attemptResult {
 			dv.ip = a.conn.RemoteAddr().Addr().String()
 			_, _, _, dv.tls = a.conn.TLSInfo()
 		} else {
-			reply, destFail, perm := s.connect(a, j, &dv)
+			reply, destFail, perm := s.connect(a, jobs[live[0]], &dv)
 			if a.conn == nil {
 				class := outDeferred
 				if perm {
 					class = outBounced
 				}
-				return s.record(j, a, allSame(len(j.rcpts), class, reply), destFail, &dv)
+				for _, k := range live {
+					dvs[k].dns, dvs[k].con = dv.dns, dv.con
+					results[k] = s.record(jobs[k], a, allSame(len(jobs[k].rcpts), class, reply), destFail, &dvs[k])
+				}
+				return results
 			}
 		}
 		t0 := s.now()
-		sr, err := a.conn.Send(s.ctx, env, body)
-		dv.xmit = s.now().Sub(t0)
-		if err != nil && !a.conn.Usable() {
+		srs, errs := a.conn.SendBatch(s.ctx, envs, bodies)
+		xmit := s.now().Sub(t0)
+		if !a.conn.Usable() {
 			_ = a.conn.Close()
 			a.conn = nil
-			if reused && try == 0 && (sr == nil || sr.Mail == nil) && s.ctx.Err() == nil {
+			first := srs[0]
+			if reused && try == 0 && errs[0] != nil && (first == nil || first.Mail == nil) && s.ctx.Err() == nil {
 				// The server had closed the cached connection before
-				// this transaction began: not the message's fault, try
+				// these transactions began: not the messages' fault, try
 				// again on a new connection.
 				s.m.staleConns.Add(1)
 				continue
 			}
 		}
-		a.sent++
-		outs := make([]rcptOutcome, len(j.rcpts))
-		for k := range j.rcpts {
-			var reply *smtperr.Error
-			if sr != nil && len(sr.Rcpts) == len(j.rcpts) {
-				reply = sr.Outcome(k)
+		for n, k := range live {
+			a.sent++
+			j := jobs[k]
+			dvs[k].mx, dvs[k].ip, dvs[k].tls = dv.mx, dv.ip, dv.tls
+			dvs[k].dns, dvs[k].con, dvs[k].xmit = dv.dns, dv.con, xmit
+			outs := make([]rcptOutcome, len(j.rcpts))
+			for r := range j.rcpts {
+				var reply *smtperr.Error
+				if sr := srs[n]; sr != nil && len(sr.Rcpts) == len(j.rcpts) {
+					reply = sr.Outcome(r)
+				}
+				outs[r].class, outs[r].reply = classify(reply, errs[n])
 			}
-			outs[k].class, outs[k].reply = classify(reply, err)
+			results[k] = s.record(j, a, outs, false, &dvs[k])
 		}
-		return s.record(j, a, outs, false, &dv)
+		return results
 	}
 }
 

@@ -25,6 +25,13 @@ type DeliveryConfig struct {
 	// carries (RSET between) before it is closed. Default: 100.
 	MaxMessagesPerConnection int `toml:"max_messages_per_connection"`
 
+	// PipelineTransactions is the most transactions one connection sends in
+	// one round trip (MAIL, RCPT and BDAT of several messages in one write,
+	// when the server offers PIPELINING and CHUNKING) while more mail for
+	// the destination is waiting than connections can take. 1 disables it.
+	// Default: 16.
+	PipelineTransactions int `toml:"pipeline_transactions"`
+
 	// IdleTimeout is how long an idle connection waits for more mail to
 	// its destination before QUIT. Default: 5s.
 	IdleTimeout time.Duration `toml:"idle_timeout"`
@@ -77,6 +84,9 @@ func (c *DeliveryConfig) EnsureDefaults() {
 	if c.IdleTimeout == 0 {
 		c.IdleTimeout = 5 * time.Second
 	}
+	if c.PipelineTransactions == 0 {
+		c.PipelineTransactions = 16
+	}
 	if len(c.Retry) == 0 {
 		c.Retry = []time.Duration{time.Minute, 5 * time.Minute, 15 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour}
 	}
@@ -114,6 +124,9 @@ func (c DeliveryConfig) Validate() error {
 	}
 	if c.MaxMessagesPerConnection < 1 {
 		bad("max_messages_per_connection", "must be at least 1, got %d", c.MaxMessagesPerConnection)
+	}
+	if c.PipelineTransactions < 1 || c.PipelineTransactions > 1000 {
+		bad("pipeline_transactions", "must be between 1 and 1000, got %d", c.PipelineTransactions)
 	}
 	if c.IdleTimeout < 0 {
 		bad("idle_timeout", "must not be negative, got %v", c.IdleTimeout)

@@ -171,17 +171,28 @@ func (r *Receiver) Connect(*netio.ConnInfo) *smtperr.Error { return nil }
 func (r *Receiver) Mail(*netio.Envelope) *smtperr.Error { return nil }
 
 // Rcpt implements netio.Backend: clients in relay_networks may send
-// anywhere, others only to relay_domains.
+// anywhere, others only to relay_domains, and there only to mailboxes
+// without sender-specified routing: a local part holding '%', '!' or '@'
+// (user%other@domain, other!user@domain, "user@other"@domain) asks the
+// domain's own servers, some of which still honour such routing, to relay
+// further (RFC 2505 §2.2; Postfix's allow_untrusted_routing = no).
 func (r *Receiver) Rcpt(env *netio.Envelope, rcpt string) *smtperr.Error {
 	p := r.policy.Load()
 	if p.trusted(env.Conn.Remote.Addr()) {
 		return nil
 	}
-	if p.domains[netio.Domain(rcpt)] {
+	if p.domains[netio.Domain(rcpt)] && !routedLocalPart(rcpt) {
 		return nil
 	}
 	r.m.relayDenied.Add(1)
 	return errRelayDenied
+}
+
+// routedLocalPart reports whether the local part of a mailbox carries
+// routing: '%', '!' or (quoted) '@'.
+func routedLocalPart(mailbox string) bool {
+	i := strings.LastIndexByte(mailbox, '@')
+	return i >= 0 && strings.ContainsAny(mailbox[:i], "%!@")
 }
 
 // Data implements netio.Backend.

@@ -93,7 +93,7 @@ type Scheduler struct {
 	cachedBytes atomic.Int64 // bodies held by the hot path
 
 	// spawn starts an agent; tests replace it to drive agents by hand.
-	spawn func(a *agent, j *job)
+	spawn func(a *agent, jobs []*job)
 }
 
 // entry is a message in the active set.
@@ -128,7 +128,7 @@ type dest struct {
 // agent is one outbound connection's goroutine.
 type agent struct {
 	d         *dest
-	next      chan *job
+	next      chan []*job
 	idleSince time.Time
 	conn      *netio.ClientConn
 	usable    bool // conn can carry another transaction
@@ -144,9 +144,9 @@ type evEnqueue struct {
 	body []byte
 }
 type evDone struct {
-	a   *agent
-	j   *job
-	res *attemptResult
+	a    *agent
+	jobs []*job
+	res  []*attemptResult
 }
 type evSuspended struct{ jobs []*job }
 type evAgentExit struct{ a *agent }
@@ -209,9 +209,9 @@ func NewScheduler(cfg DeliveryConfig, opt SchedulerOptions) (*Scheduler, error) 
 		dests:  make(map[string]*dest),
 	}
 	s.m.latency = newLatencyHistogram()
-	s.spawn = func(a *agent, j *job) {
+	s.spawn = func(a *agent, jobs []*job) {
 		s.agentWG.Add(1)
-		go s.runAgent(a, j)
+		go s.runAgent(a, jobs)
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -368,9 +368,13 @@ func (s *Scheduler) handle(ev event) {
 			s.active[ev.msg.ID].body = ev.body
 		}
 	case evDone:
-		s.finishJob(ev.j, ev.res, now)
+		destFail := false
+		for k, j := range ev.jobs {
+			s.finishJob(j, ev.res[k], now)
+			destFail = destFail || ev.res[k].destFail
+		}
 		s.m.busy.Add(-1)
-		s.nextFor(ev.a, ev.res, now)
+		s.nextFor(ev.a, destFail, now)
 	case evSuspended:
 		for _, j := range ev.jobs {
 			s.finishJob(j, nil, now)
@@ -482,21 +486,53 @@ func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
 	}
 }
 
-// nextFor answers an agent that finished a job: another job for the same
+// nextFor answers an agent that finished its jobs: more jobs for the same
 // destination, idle waiting, or nil (close).
-func (s *Scheduler) nextFor(a *agent, res *attemptResult, now time.Time) {
+func (s *Scheduler) nextFor(a *agent, destFail bool, now time.Time) {
 	d := a.d
 	switch {
-	case s.closing, res.destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection:
+	case s.closing, destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection:
 		a.next <- nil
 	case len(d.ready) > 0 && !now.Before(d.backoffUntil):
-		a.next <- s.pop(d)
+		a.next <- s.popBatch(d, a, 1+max(0, s.cfg.MaxConnectionsPerDomain-d.conns))
 		s.m.busy.Add(1)
 	default:
 		a.idleSince = now
 		d.idle = append(d.idle, a)
 		s.m.idle.Add(1)
 	}
+}
+
+// batchBytes bounds the mail one connection carries in one round trip.
+const batchBytes = 1 << 20
+
+// popBatch takes the next jobs of d for agent a: when more is ready than
+// the connections that could serve it (free, a included), up to
+// PipelineTransactions jobs and batchBytes of mail go out pipelined on one
+// connection.
+func (s *Scheduler) popBatch(d *dest, a *agent, free int) []*job {
+	n := 1
+	if free < 1 {
+		free = 1
+	}
+	if len(d.ready) > free {
+		n = (len(d.ready) + free - 1) / free
+	}
+	n = min(n, s.cfg.PipelineTransactions, s.cfg.MaxMessagesPerConnection-a.sent, len(d.ready))
+	if n < 1 {
+		n = 1
+	}
+	jobs := make([]*job, 0, n)
+	var bytes int64
+	for len(jobs) < n {
+		j := d.ready[0]
+		if len(jobs) > 0 && bytes+j.e.msg.Size > batchBytes {
+			break
+		}
+		bytes += j.e.msg.Size
+		jobs = append(jobs, s.pop(d))
+	}
+	return jobs
 }
 
 func (s *Scheduler) pop(d *dest) *job {
@@ -594,7 +630,7 @@ func (s *Scheduler) dispatch(now time.Time) {
 				d.idle = d.idle[:n-1]
 				s.m.idle.Add(-1)
 				s.m.busy.Add(1)
-				a.next <- s.pop(d)
+				a.next <- s.popBatch(d, a, n+max(0, s.cfg.MaxConnectionsPerDomain-d.conns))
 				continue
 			}
 			if d.conns >= s.cfg.MaxConnectionsPerDomain {
@@ -609,8 +645,8 @@ func (s *Scheduler) dispatch(now time.Time) {
 			s.conns++
 			s.m.conns.Add(1)
 			s.m.busy.Add(1)
-			a := &agent{d: d, next: make(chan *job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
-			s.spawn(a, s.pop(d))
+			a := &agent{d: d, next: make(chan []*job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
+			s.spawn(a, s.popBatch(d, a, s.cfg.MaxConnectionsPerDomain-d.conns+1))
 		}
 		if len(d.ready) > 0 {
 			keep = append(keep, d)

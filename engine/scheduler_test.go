@@ -37,7 +37,7 @@ type schedHarness struct {
 type fakeAgent struct {
 	name string
 	a    *agent
-	j    *job // current job, nil when idle
+	jobs []*job // current batch, nil when idle
 }
 
 type noResolver struct{}
@@ -62,6 +62,8 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 			cfg.MaxConnections = n
 		case "per_conn":
 			cfg.MaxMessagesPerConnection = n
+		case "batch":
+			cfg.PipelineTransactions = n
 		case "destq":
 			cfg.DestinationQueueLimit = n
 		case "active":
@@ -98,10 +100,10 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.spawn = func(a *agent, j *job) {
+	s.spawn = func(a *agent, jobs []*job) {
 		h.nconn++
 		name := fmt.Sprintf("c%d", h.nconn)
-		h.agents[name] = &fakeAgent{name: name, a: a, j: j}
+		h.agents[name] = &fakeAgent{name: name, a: a, jobs: jobs}
 		h.order = append(h.order, name)
 	}
 	h.s = s
@@ -122,12 +124,16 @@ func (h *schedHarness) settle(out *strings.Builder) {
 	}
 }
 
-func (h *schedHarness) jobString(j *job) string {
-	var rs []string
-	for _, i := range j.rcpts {
-		rs = append(rs, j.e.msg.Rcpts[i].Addr)
+func (h *schedHarness) jobString(jobs []*job) string {
+	var out []string
+	for _, j := range jobs {
+		var rs []string
+		for _, i := range j.rcpts {
+			rs = append(rs, j.e.msg.Rcpts[i].Addr)
+		}
+		out = append(out, fmt.Sprintf("%s[%s]", h.names[j.e.msg.ID], strings.Join(rs, ",")))
 	}
-	return fmt.Sprintf("%s[%s]", h.names[j.e.msg.ID], strings.Join(rs, ","))
+	return strings.Join(out, " ")
 }
 
 // dispatch runs tick+dispatch, as the loop does after every event, and
@@ -146,7 +152,7 @@ func (h *schedHarness) dispatch(out *strings.Builder) {
 		h.s.dispatch(h.now)
 		for _, name := range h.order[before:] {
 			fa := h.agents[name]
-			fmt.Fprintf(out, "start %s %s %s\n", name, fa.a.d.name, h.jobString(fa.j))
+			fmt.Fprintf(out, "start %s %s %s\n", name, fa.a.d.name, h.jobString(fa.jobs))
 		}
 		closed := h.collect(out, "")
 		if !closed {
@@ -160,19 +166,19 @@ func (h *schedHarness) collect(out *strings.Builder, why string) bool {
 	closed := false
 	for _, name := range h.order {
 		fa := h.agents[name]
-		if fa == nil || fa.j != nil {
+		if fa == nil || fa.jobs != nil {
 			continue
 		}
 		select {
-		case j := <-fa.a.next:
-			if j == nil {
+		case jobs := <-fa.a.next:
+			if jobs == nil {
 				fmt.Fprintf(out, "close %s%s\n", name, why)
 				delete(h.agents, name)
 				h.agentExit(fa)
 				closed = true
 			} else {
-				fa.j = j
-				fmt.Fprintf(out, "reuse %s %s\n", name, h.jobString(j))
+				fa.jobs = jobs
+				fmt.Fprintf(out, "reuse %s %s\n", name, h.jobString(jobs))
 			}
 		default:
 		}
@@ -240,10 +246,9 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 		// result c1 codes=250,451 | result c1 destfail | result c1 code=550 [drop]
 		name := d.CmdArgs[0].Key
 		fa := h.agents[name]
-		if fa == nil || fa.j == nil {
+		if fa == nil || fa.jobs == nil {
 			t.Fatalf("no busy agent %s", name)
 		}
-		j := fa.j
 		var codes []int
 		destFail, drop := false, false
 		for _, a := range d.CmdArgs[1:] {
@@ -259,22 +264,26 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 				drop = true
 			}
 		}
-		outs := make([]rcptOutcome, len(j.rcpts))
-		for k := range outs {
-			var reply *smtperr.Error
-			if destFail {
-				reply = smtperr.New(451, "4.4.1", "connection refused")
-			} else {
-				c := codes[min(k, len(codes)-1)]
-				reply = smtperr.New(c, fmt.Sprintf("%d.0.0", c/100), "reply %d", c)
+		jobs := fa.jobs
+		res := make([]*attemptResult, len(jobs))
+		for n, j := range jobs {
+			outs := make([]rcptOutcome, len(j.rcpts))
+			for k := range outs {
+				var reply *smtperr.Error
+				if destFail {
+					reply = smtperr.New(451, "4.4.1", "connection refused")
+				} else {
+					c := codes[min(k, len(codes)-1)]
+					reply = smtperr.New(c, fmt.Sprintf("%d.0.0", c/100), "reply %d", c)
+				}
+				outs[k].class, outs[k].reply = classify(reply, nil)
 			}
-			outs[k].class, outs[k].reply = classify(reply, nil)
+			fa.a.sent++
+			res[n] = h.s.record(j, fa.a, outs, destFail, &delivery{})
 		}
-		fa.a.sent++
-		res := h.s.record(j, fa.a, outs, destFail, &delivery{})
 		fa.a.usable = !drop && !destFail
-		fa.j = nil
-		h.s.handle(evDone{a: fa.a, j: j, res: res})
+		fa.jobs = nil
+		h.s.handle(evDone{a: fa.a, jobs: jobs, res: res})
 		select {
 		case next := <-fa.a.next:
 			if next == nil {
@@ -282,7 +291,7 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 				delete(h.agents, name)
 				h.agentExit(fa)
 			} else {
-				fa.j = next
+				fa.jobs = next
 				fmt.Fprintf(&out, "reuse %s %s\n", name, h.jobString(next))
 			}
 		default:

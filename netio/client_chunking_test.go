@@ -130,3 +130,74 @@ func TestClientNormalize(t *testing.T) {
 		}
 	}
 }
+
+// TestClientSendBatch pipelines several transactions in one write to
+// Hermod's own server, with one refused recipient and one message the
+// client refuses to send (too big for the server's SIZE).
+func TestClientSendBatch(t *testing.T) {
+	b := &refusingBackend{}
+	_, addr := startServer(t, ServerConfig{}, b, nil)
+	cfg := DefaultClientConfig()
+	cfg.Hostname = "client.test"
+	cfg.TLS = TLSDisabled
+	ctx := context.Background()
+	c, err := Dial(ctx, &cfg, "mx.test", netip.MustParseAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for round := 0; round < 2; round++ {
+		envs := []*ClientEnvelope{
+			{From: "s@x.test", Rcpts: []string{"a@ok.test"}},
+			{From: "s@x.test", Rcpts: []string{"b@refuse.test"}},
+			{From: "s@x.test", Rcpts: []string{"c@ok.test", "d@refuse.test"}},
+			{From: "s@x.test", Rcpts: []string{"e@ok.test"}, Size: 1 << 40},
+			{From: "", Rcpts: []string{"f@ok.test"}},
+		}
+		bodies := [][]byte{[]byte("Subject: a\r\n\r\na\r\n"), []byte("Subject: b\r\n\r\nb\r\n"), []byte("Subject: c\r\n\r\n.c\r\n"), []byte("x\r\n"), []byte("Subject: f\r\n\r\nf")}
+		if round == 1 {
+			c.ResetNext()
+		}
+		res, errs := c.SendBatch(ctx, envs, bodies)
+		want := []struct {
+			codes []int
+			err   bool
+		}{{[]int{250}, false}, {[]int{550}, false}, {[]int{250, 550}, false}, {nil, true}, {[]int{250}, false}}
+		for i, w := range want {
+			if (errs[i] != nil) != w.err {
+				t.Fatalf("round %d txn %d: error %v", round, i, errs[i])
+			}
+			for k, code := range w.codes {
+				if out := res[i].Outcome(k); out == nil || out.Code != code {
+					t.Errorf("round %d txn %d rcpt %d: %v, want %d", round, i, k, out, code)
+				}
+			}
+		}
+		if e := smtperr.Classify(errs[3]); e.Code != 552 {
+			t.Errorf("oversized message refused with %v, want 552", errs[3])
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b.mu.Lock()
+		n := len(b.msgs)
+		b.mu.Unlock()
+		if n == 6 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var got []string
+	for _, m := range b.msgs {
+		got = append(got, strings.Join(m.env.Rcpts, ",")+"|"+m.body)
+	}
+	wantStored := "a@ok.test|Subject: a\r\n\r\na\r\n;c@ok.test|Subject: c\r\n\r\n.c\r\n;f@ok.test|Subject: f\r\n\r\nf\r\n"
+	if s := strings.Join(got, ";"); s != wantStored+";"+wantStored {
+		t.Fatalf("stored:\n%q\nwant twice:\n%q", s, wantStored)
+	}
+	if !c.Usable() {
+		t.Fatal("connection unusable after the batches")
+	}
+}

@@ -119,21 +119,9 @@ func (c *ClientConn) Send(ctx context.Context, env *ClientEnvelope, body []byte)
 	if !c.Usable() {
 		return nil, ErrClientUnusable
 	}
-	if err := clientCheckEnvelope(env); err != nil {
+	size, utf8, err := c.precheck(env, body)
+	if err != nil {
 		return nil, err
-	}
-	utf8 := clientNeedsUTF8(env)
-	size := env.Size
-	if size <= 0 {
-		size = int64(len(body))
-	}
-	switch {
-	case utf8 && c.exts&clientExtSMTPUTF8 == 0:
-		return nil, smtperr.New(554, "5.6.7", "%s does not support SMTPUTF8, which this message needs", c.mx)
-	case env.Body8Bit && c.exts&clientExt8BitMIME == 0:
-		return nil, smtperr.New(554, "5.6.3", "%s does not support 8BITMIME, which this message needs", c.mx)
-	case c.maxSize > 0 && size > c.maxSize:
-		return nil, smtperr.New(552, "5.3.4", "message size %d exceeds the limit of %d of %s", size, c.maxSize, c.mx)
 	}
 
 	stop := c.watch(ctx)
@@ -292,6 +280,17 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 // CRLF. A server must consume a BDAT chunk even when it refuses it, so the
 // connection stays in step when MAIL or every RCPT was refused.
 func (c *ClientConn) sendChunked(res *SendResult, env *ClientEnvelope, body []byte, size int64, utf8, reset bool, start time.Time) (*SendResult, error) {
+	c.writeChunked(env, body, size, utf8)
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		return res, c.ioError("BDAT", err)
+	}
+	wrote := time.Now()
+	res.Timing.Wrote = wrote.Sub(start)
+	return c.readChunked(res, env, reset, wrote)
+}
+
+// writeChunked buffers MAIL, every RCPT and "BDAT n LAST" with the message.
+func (c *ClientConn) writeChunked(env *ClientEnvelope, body []byte, size int64, utf8 bool) {
 	body = clientNormalize(body)
 	c.writeMail(env, size, utf8)
 	for i := range env.Rcpts {
@@ -302,11 +301,11 @@ func (c *ClientConn) sendChunked(res *SendResult, env *ClientEnvelope, body []by
 	c.bw.WriteString(" LAST\r\n")
 	c.wtimeout = c.cfg.DataBlockTimeout
 	c.bw.Write(body)
-	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
-		return res, c.ioError("BDAT", err)
-	}
-	wrote := time.Now()
-	res.Timing.Wrote = wrote.Sub(start)
+}
+
+// readChunked reads the replies of a transaction written by writeChunked
+// (after the reply to RSET when reset).
+func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset bool, wrote time.Time) (*SendResult, error) {
 	if reset {
 		if err := c.readReset(); err != nil {
 			return res, err
@@ -346,6 +345,118 @@ func (c *ClientConn) sendChunked(res *SendResult, env *ClientEnvelope, body []by
 		c.needReset = mailOK && c.closing == nil
 	}
 	return res, nil
+}
+
+// SendBatch runs several transactions over the connection. When the
+// server offers PIPELINING and CHUNKING they all go out in one write — each
+// after the first preceded by RSET, each a MAIL, its RCPTs and "BDAT n
+// LAST" with the message (RFC 2920 lets BDAT be followed by more commands
+// in a group) — and their replies come back in one round trip; otherwise
+// they are sent one after another with Send.
+//
+// It returns a result and an error per transaction, with Send's meaning. A
+// transaction Send would refuse before sending (size, 8BITMIME, SMTPUTF8,
+// malformed envelope) gets its error and is skipped. When the connection
+// fails, the transactions whose replies had not all arrived get the error
+// (and the partial result); the connection is then unusable.
+func (c *ClientConn) SendBatch(ctx context.Context, envs []*ClientEnvelope, bodies [][]byte) ([]*SendResult, []error) {
+	results := make([]*SendResult, len(envs))
+	errs := make([]error, len(envs))
+	if len(envs) == 1 || c.exts&clientExtPipelining == 0 || c.exts&clientExtChunking == 0 {
+		for i := range envs {
+			if !c.Usable() {
+				errs[i] = ErrClientUnusable
+				continue
+			}
+			results[i], errs[i] = c.Send(ctx, envs[i], bodies[i])
+		}
+		return results, errs
+	}
+	if !c.Usable() {
+		for i := range errs {
+			errs[i] = ErrClientUnusable
+		}
+		return results, errs
+	}
+	type pending struct {
+		i     int
+		reset bool
+	}
+	sent := make([]pending, 0, len(envs))
+	start := time.Now()
+	for i, env := range envs {
+		size, utf8, err := c.precheck(env, bodies[i])
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		res := &SendResult{}
+		if len(env.Rcpts) == 1 {
+			res.Rcpts = res.one[:]
+		} else {
+			res.Rcpts = make([]*smtperr.Error, len(env.Rcpts))
+		}
+		results[i] = res
+		reset := c.needReset || len(sent) > 0
+		c.needReset = false
+		if reset {
+			c.bw.WriteString("RSET\r\n")
+		}
+		c.writeChunked(env, bodies[i], size, utf8)
+		sent = append(sent, pending{i, reset})
+	}
+	if len(sent) == 0 {
+		return results, errs
+	}
+	stop := c.watch(ctx)
+	var failed error
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		failed = c.ioError("BDAT", err)
+	}
+	wrote := time.Now()
+	for _, p := range sent {
+		if failed != nil {
+			errs[p.i] = failed
+			continue
+		}
+		results[p.i].Timing.Wrote = wrote.Sub(start)
+		if _, err := c.readChunked(results[p.i], envs[p.i], p.reset, wrote); err != nil {
+			failed = err
+			errs[p.i] = err
+		}
+	}
+	if stop != nil && !stop() {
+		c.broken = true
+		for _, p := range sent {
+			if errs[p.i] != nil {
+				errs[p.i] = fmt.Errorf("netio: client: %s: %w (%v)", c.mx, context.Cause(ctx), errs[p.i])
+			}
+		}
+	}
+	return results, errs
+}
+
+// precheck refuses, before anything is sent, a transaction the server
+// cannot take, and returns the size to announce and whether SMTPUTF8 is
+// needed.
+func (c *ClientConn) precheck(env *ClientEnvelope, body []byte) (int64, bool, error) {
+	if err := clientCheckEnvelope(env); err != nil {
+		return 0, false, err
+	}
+	utf8 := clientNeedsUTF8(env)
+	size := env.Size
+	if size <= 0 {
+		size = int64(len(body))
+	}
+	switch {
+	case utf8 && c.exts&clientExtSMTPUTF8 == 0:
+		return 0, false, smtperr.New(554, "5.6.7", "%s does not support SMTPUTF8, which this message needs", c.mx)
+	case env.Body8Bit && c.exts&clientExt8BitMIME == 0:
+		return 0, false, smtperr.New(554, "5.6.3", "%s does not support 8BITMIME, which this message needs", c.mx)
+	case c.maxSize > 0 && size > c.maxSize:
+		return 0, false, smtperr.New(552, "5.3.4", "message size %d exceeds the limit of %d of %s", size, c.maxSize, c.mx)
+	}
+	return size, utf8, nil
 }
 
 // clientNormalize returns body with every line ending CRLF and a final
