@@ -695,6 +695,25 @@ func (s *Scheduler) suspend(jobs []*job, now time.Time) {
 	}()
 }
 
+// Flush makes all queued mail due now (Postfix's postqueue -f): every
+// destination backoff is lifted and the spool's due index scanned at once.
+// The caller has already moved the messages' due times (spool.Reschedule).
+func (s *Scheduler) Flush() {
+	s.query(func() {
+		for _, d := range s.dests {
+			d.backoffUntil = time.Time{}
+			d.stat.BackoffUntil = time.Time{}
+			d.fails = 0
+			if len(d.ready) > 0 && !d.inRing {
+				d.inRing = true
+				s.ring = append(s.ring, d)
+			}
+		}
+		s.scanAt = time.Time{}
+		s.cursorT, s.cursorID = time.Time{}, spool.ID{}
+	})
+}
+
 // DomainStat is the per-destination view of the admin API (top-N domains
 // rather than per-domain metric labels).
 type DomainStat struct {

@@ -491,3 +491,60 @@ func TestConfigStrictAndValidate(t *testing.T) {
 		t.Fatalf("the production sample does not load: %v", err)
 	}
 }
+
+// TestE2EQueueOperations flushes a deferred message (it is tried again at
+// once) and deletes it, through the CLI against the running daemon.
+func TestE2EQueueOperations(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	dir := t.TempDir()
+	d := writeConfig(t, dir, "", "")
+	d.start()
+	id := sendMsg(t, d.smtp, "a@x.test", []string{"b@unreachable.test"}, "to flush")
+	attempts := func() int {
+		code, body := d.get("/api/queue/" + id)
+		if code != 200 {
+			return -1
+		}
+		m := regexp.MustCompile(`"attempts": (\d+)`).FindStringSubmatch(body)
+		if m == nil {
+			return 0
+		}
+		var n int
+		fmt.Sscan(m[1], &n)
+		return n
+	}
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	// The resolver is dead: the first attempt defers it for a minute.
+	waitFor("the first attempt", func() bool { return attempts() == 1 })
+	time.Sleep(500 * time.Millisecond)
+	if n := attempts(); n != 1 {
+		t.Fatalf("%d attempts before the flush, want 1", n)
+	}
+	out, err := exec.Command(hermodBinary(t), "queue", "flush", id, "-http", d.http).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "1 message(s) due now") {
+		t.Fatalf("queue flush: %v %s", err, out)
+	}
+	waitFor("the flushed attempt", func() bool { return attempts() >= 2 })
+	out, err = exec.Command(hermodBinary(t), "queue", "delete", id, "-http", d.http).CombinedOutput()
+	if err != nil {
+		t.Fatalf("queue delete: %v %s", err, out)
+	}
+	if code, _ := d.get("/api/queue/" + id); code != 404 {
+		t.Fatalf("deleted message still there: %d", code)
+	}
+	out, _ = exec.Command(hermodBinary(t), "queue", "delete", id, "-http", d.http).CombinedOutput()
+	if !strings.Contains(string(out), "no such message") {
+		t.Fatalf("deleting twice: %s", out)
+	}
+}

@@ -4,6 +4,8 @@
 //	hermod check-config [-config FILE]   validate a configuration and print it with defaults
 //	hermod queue list [-http ADDR | -spool DIR] [-limit N]
 //	hermod queue show ID [-http ADDR | -spool DIR]
+//	hermod queue flush [ID] [-http ADDR]
+//	hermod queue delete ID [-http ADDR]
 //	hermod version
 package main
 
@@ -15,6 +17,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -33,6 +36,10 @@ commands:
   check-config  validate a configuration file and print it with all defaults
   queue list    list queued messages (-http ADDR of a running daemon, or -spool DIR offline)
   queue show ID show one queued message
+  queue flush [ID]
+                make queued mail due now (all, or one message) and lift destination backoffs
+  queue delete ID
+                remove a message from the queue (no bounce)
   version       print the version
 `
 
@@ -86,10 +93,13 @@ func cmdQueue(args []string) error {
 	asJSON := fs.Bool("json", false, "print JSON")
 	var id string
 	rest := args[1:]
-	if sub == "show" {
-		if len(rest) == 0 {
-			return errors.New("queue show: want a queue id")
+	switch {
+	case sub == "show" || sub == "delete":
+		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
+			return fmt.Errorf("queue %s: want a queue id", sub)
 		}
+		id, rest = rest[0], rest[1:]
+	case sub == "flush" && len(rest) > 0 && !strings.HasPrefix(rest[0], "-"):
 		id, rest = rest[0], rest[1:]
 	}
 	fs.Parse(rest)
@@ -152,6 +162,24 @@ func cmdQueue(args []string) error {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(e)
+	case "flush":
+		url := fmt.Sprintf("http://%s/api/queue/flush", *httpAddr)
+		if id != "" {
+			url = fmt.Sprintf("http://%s/api/queue/%s/flush", *httpAddr, id)
+		}
+		var out map[string]int
+		if err := doJSON(http.MethodPost, url, &out); err != nil {
+			return err
+		}
+		fmt.Printf("%d message(s) due now\n", out["flushed"])
+		return nil
+	case "delete":
+		var out map[string]int
+		if err := doJSON(http.MethodDelete, fmt.Sprintf("http://%s/api/queue/%s", *httpAddr, id), &out); err != nil {
+			return err
+		}
+		fmt.Printf("deleted %s\n", id)
+		return nil
 	}
 	return fmt.Errorf("queue: unknown subcommand %q", sub)
 }
@@ -166,9 +194,15 @@ func openSpoolOffline(dir string) (*spool.Store, error) {
 	return st, nil
 }
 
-func getJSON(url string, v any) error {
+func getJSON(url string, v any) error { return doJSON(http.MethodGet, url, v) }
+
+func doJSON(method, url string, v any) error {
 	c := &http.Client{Timeout: 30 * time.Second}
-	resp, err := c.Get(url)
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
 	if err != nil {
 		return err
 	}

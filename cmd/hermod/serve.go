@@ -335,6 +335,55 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 		}
 		writeJSON(w, toQueueEntry(m))
 	})
+	// Queue operations: flush (everything due now) and delete.
+	mux.HandleFunc("POST /api/queue/flush", func(w http.ResponseWriter, r *http.Request) {
+		now := time.Now()
+		var ids []spool.ID
+		if err := d.store.Walk(func(m *spool.Message) bool { ids = append(ids, m.ID); return true }); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		n := 0
+		for _, id := range ids {
+			if err := d.store.Reschedule(id, now); err == nil {
+				n++
+			}
+		}
+		d.sched.Flush()
+		writeJSON(w, map[string]int{"flushed": n})
+	})
+	mux.HandleFunc("POST /api/queue/{id}/flush", func(w http.ResponseWriter, r *http.Request) {
+		id, err := spool.ParseID(r.PathValue("id"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := d.store.Reschedule(id, time.Now()); errors.Is(err, spool.ErrNotFound) {
+			http.Error(w, "no such message", http.StatusNotFound)
+			return
+		} else if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		d.sched.Flush()
+		writeJSON(w, map[string]int{"flushed": 1})
+	})
+	mux.HandleFunc("DELETE /api/queue/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id, err := spool.ParseID(r.PathValue("id"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := d.store.Delete(id); errors.Is(err, spool.ErrNotFound) {
+			http.Error(w, "no such message", http.StatusNotFound)
+			return
+		} else if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		d.log.Warn("message deleted by the operator", "msg_id", id.String())
+		writeJSON(w, map[string]int{"deleted": 1})
+	})
 	mux.HandleFunc("GET /api/stats", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, map[string]any{
 			"spool":     d.store.Stats(),
