@@ -7,8 +7,10 @@ import (
 	"io"
 	"math"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 )
 
 // The roles of a run in a Comparison (Report.Role).
@@ -288,6 +290,47 @@ func fmtFigure(v float64, known bool) string {
 	}
 }
 
+// fmtRatio formats a ratio with about three significant digits ("-" for
+// none).
+func fmtRatio(r float64) string {
+	switch {
+	case r == 0:
+		return "-"
+	case r >= 10:
+		return fmt.Sprintf("%.1f×", r)
+	case r >= 0.1:
+		return fmt.Sprintf("%.2f×", r)
+	default:
+		return fmt.Sprintf("%.2g×", r)
+	}
+}
+
+// writeTable writes rows with the first column left-aligned and the others
+// right-aligned, two spaces apart.
+func writeTable(w io.Writer, rows [][]string) {
+	var widths []int
+	for _, row := range rows {
+		for i, cell := range row {
+			if i >= len(widths) {
+				widths = append(widths, 0)
+			}
+			widths[i] = max(widths[i], utf8.RuneCountInString(cell))
+		}
+	}
+	for _, row := range rows {
+		var b strings.Builder
+		for i, cell := range row {
+			pad := strings.Repeat(" ", widths[i]-utf8.RuneCountInString(cell))
+			if i == 0 {
+				b.WriteString(cell + pad)
+			} else {
+				b.WriteString("  " + pad + cell)
+			}
+		}
+		fmt.Fprintln(w, b.String())
+	}
+}
+
 // WriteText writes the comparison as a table: one line per run, then each
 // figure side by side with the ratio.
 func (c Comparison) WriteText(w io.Writer) error {
@@ -312,23 +355,16 @@ func (c Comparison) WriteText(w io.Writer) error {
 		return err
 	}
 	fmt.Fprintln(w)
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "figure (median of rounds)\t%s\t%s\t%s/%s\t\n", c.Target, c.Peer, c.Target, c.Peer)
+	table := [][]string{{"figure (median of rounds)", c.Target, c.Peer, c.Target + "/" + c.Peer}}
 	for _, r := range c.Rows {
 		name := r.Figure
 		if r.Unit != "" {
 			name += " (" + r.Unit + ")"
 		}
-		ratio := "-"
-		if r.Ratio != 0 {
-			ratio = fmt.Sprintf("%.2f×", r.Ratio)
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", name, fmtFigure(r.Target, r.TargetKnown), fmtFigure(r.Peer, r.PeerKnown),
-			ratio)
+		table = append(table, []string{name, fmtFigure(r.Target, r.TargetKnown), fmtFigure(r.Peer, r.PeerKnown),
+			fmtRatio(r.Ratio)})
 	}
-	if err := tw.Flush(); err != nil {
-		return err
-	}
+	writeTable(w, table)
 	for _, n := range c.Notes {
 		fmt.Fprintf(w, "note: %s\n", n)
 	}

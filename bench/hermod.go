@@ -141,6 +141,15 @@ func (h *HermodTarget) Start(ctx context.Context, env TargetEnv) ([]string, erro
 			return nil, err
 		}
 	}
+	if strings.ContainsRune(bin, filepath.Separator) {
+		// The process runs in the work directory: a relative path would
+		// be taken from there.
+		abs, err := filepath.Abs(bin)
+		if err != nil {
+			return nil, err
+		}
+		bin = abs
+	}
 	sp, err := freePort("127.0.0.1")
 	if err != nil {
 		return nil, err

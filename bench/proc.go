@@ -120,14 +120,27 @@ type TreeUsage struct {
 	// they have already waited for (so a forking server such as Postfix is
 	// counted whole: exited workers are in their master's child time).
 	CPU time.Duration
-	// RSS is the sum of the resident sizes of the processes alive now;
-	// HWM is the root process's own peak resident size.
-	RSS, HWM uint64
+	// RSS is the sum of the resident sizes of the processes alive now
+	// (pages shared between them counted in each); PSS the sum of their
+	// proportional set sizes (shared pages divided among the sharers),
+	// read only when there are several processes (0 otherwise, or when
+	// the kernel does not have smaps_rollup). HWM is the root process's
+	// own peak resident size.
+	RSS, PSS, HWM uint64
 	// WriteBytes is the root process's write_bytes (its own storage
 	// writes; those of exited children are not included).
 	WriteBytes uint64
 	// Procs is the number of processes counted.
 	Procs int
+}
+
+// Memory returns the figure to report for the tree's memory now: PSS for
+// several processes (RSS would count shared pages many times), else RSS.
+func (u TreeUsage) Memory() uint64 {
+	if u.Procs > 1 && u.PSS > 0 {
+		return u.PSS
+	}
+	return u.RSS
 }
 
 // processTree measures pid and its descendants. Processes that vanish
@@ -140,6 +153,7 @@ func processTree(pid int) (TreeUsage, error) {
 	u := TreeUsage{CPU: root.cpu + root.child, Procs: 1}
 	u.RSS, u.HWM, _ = procMem(pid)
 	u.WriteBytes, _ = procWriteBytes(pid)
+	pids := []int{pid}
 	kids := childrenOf(pid)
 	for len(kids) > 0 {
 		k := kids[len(kids)-1]
@@ -150,12 +164,37 @@ func processTree(pid int) (TreeUsage, error) {
 		}
 		u.CPU += st.cpu + st.child
 		u.Procs++
+		pids = append(pids, k)
 		if rss, _, err := procMem(k); err == nil {
 			u.RSS += rss
 		}
 		kids = append(kids, childrenOf(k)...)
 	}
+	if len(pids) > 1 {
+		for _, p := range pids {
+			u.PSS += procPSS(p)
+		}
+	}
 	return u, nil
+}
+
+// procPSS returns the Pss of /proc/PID/smaps_rollup in bytes (0 if
+// unavailable).
+func procPSS(pid int) uint64 {
+	b, err := os.ReadFile(procPath(pid, "smaps_rollup"))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Pss:"); ok {
+			fs := strings.Fields(v)
+			if len(fs) > 0 {
+				n, _ := strconv.ParseUint(fs[0], 10, 64)
+				return n << 10
+			}
+		}
+	}
+	return 0
 }
 
 // childrenOf lists the children of pid, from
@@ -248,13 +287,13 @@ func diskFlushes() uint64 {
 	var n uint64
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) < 18 {
+		if len(f) < 19 {
 			continue
 		}
 		if _, err := os.Stat(filepath.Join("/sys/block", f[2])); err != nil {
 			continue // a partition, or an unknown device
 		}
-		v, _ := strconv.ParseUint(f[17], 10, 64)
+		v, _ := strconv.ParseUint(f[18], 10, 64)
 		n += v
 	}
 	return n

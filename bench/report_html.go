@@ -131,8 +131,11 @@ func svgChart(title, yUnit string, ss []series, logY bool) template.HTML {
 		ml+pw/2, H-4)
 	fmt.Fprintf(&b, `<text x="14" y="%g" font-size="11" fill="#555" transform="rotate(-90 14 %g)" text-anchor="middle">%s</text>`,
 		mt+ph/2, mt+ph/2, html.EscapeString(yUnit))
-	// Lines and legend.
+	// Lines and legend (left to right, ending at the plot's right edge).
 	lx := ml + pw
+	for _, s := range ss {
+		lx -= 20 + 6.5*float64(len(s.name))
+	}
 	for i, s := range ss {
 		color := s.color
 		if color == "" {
@@ -152,11 +155,9 @@ func svgChart(title, yUnit string, ss []series, logY bool) template.HTML {
 			fmt.Fprintf(&b, `<polyline fill="none" stroke="%s" stroke-width="1.6" points="%s"/>`, color,
 				strings.Join(pts, " "))
 		}
-		label := html.EscapeString(s.name)
-		lx -= 12 + 6.5*float64(len(s.name))
 		fmt.Fprintf(&b, `<rect x="%.1f" y="8" width="9" height="9" fill="%s"/>`, lx, color)
-		fmt.Fprintf(&b, `<text x="%.1f" y="17" font-size="11">%s</text>`, lx+12, label)
-		lx -= 8
+		fmt.Fprintf(&b, `<text x="%.1f" y="17" font-size="11">%s</text>`, lx+12, html.EscapeString(s.name))
+		lx += 20 + 6.5*float64(len(s.name))
 	}
 	b.WriteString(`</svg>`)
 	return template.HTML(b.String()) //nolint:gosec // built here, text escaped
@@ -321,7 +322,7 @@ func (c Comparison) WriteHTML(w io.Writer) error {
 			row.Figure += " (" + r.Unit + ")"
 		}
 		if r.Ratio != 0 {
-			row.Ratio = fmt.Sprintf("%.2f×", r.Ratio)
+			row.Ratio = fmtRatio(r.Ratio)
 			switch {
 			case r.Better == "higher" && r.Ratio > 1, r.Better == "lower" && r.Ratio < 1:
 				row.Class = "good"

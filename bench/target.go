@@ -174,8 +174,9 @@ type Probe struct {
 	// CPU is the user+system time of the target's processes (see
 	// TreeUsage).
 	CPU time.Duration `json:"cpu_ns"`
-	// RSS is the resident size now; PeakRSS the largest known (the root
-	// process's VmHWM, or RSS when larger).
+	// RSS is the resident size now (for several processes, the sum of
+	// their proportional set sizes: see TreeUsage.Memory); PeakRSS the
+	// largest known (a lone process's VmHWM, or RSS when larger).
 	RSS     uint64 `json:"rss"`
 	PeakRSS uint64 `json:"peak_rss"`
 	// WriteBytes is what the root process sent to storage.
@@ -204,7 +205,11 @@ func probeProcess(p *Probe, pid int) {
 		return
 	}
 	p.Process = true
-	p.CPU, p.RSS, p.PeakRSS, p.WriteBytes = u.CPU, u.RSS, max(u.HWM, u.RSS), u.WriteBytes
+	p.CPU, p.RSS, p.WriteBytes = u.CPU, u.Memory(), u.WriteBytes
+	p.PeakRSS = p.RSS
+	if u.Procs == 1 {
+		p.PeakRSS = max(u.HWM, p.RSS)
+	}
 }
 
 // DirectTarget is no MTA at all: the load goes straight into the sink, at
