@@ -32,9 +32,12 @@ test: fmt-check vet build
 test-short:
 	$(GO) test -count=1 -short ./...
 
-# The whole loop with the bench harness (see BENCH.md).
+# The whole loop with the bench harness (see BENCH.md): a scenario
+# (default steady-1k) against the hermod just built, on its embedded
+# defaults (spool on disk, fsynced before every 250). More flags with e.g.
+# make bench SCENARIO=latency BENCH_FLAGS="--html bench.html --json bench.json".
 bench: build
-	./bin/hermod-bench run steady-1k
+	./bin/hermod-bench run $(or $(SCENARIO),steady-1k) --hermod ./bin/hermod $(BENCH_FLAGS)
 
 # Micro-benchmarks of the hot paths, with allocations.
 bench-go:
