@@ -11,17 +11,24 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/hermod-mta/hermod/bench"
 	"github.com/hermod-mta/hermod/spool"
 )
 
@@ -262,5 +269,488 @@ max_errors = 100`, "")
 	}
 }
 
-var _ = io.EOF
-var _ = fmt.Sprint
+// bodyAfterTrace returns the message as the client sent it: the body
+// without hermod's Received: header (the first field, with its folded
+// lines).
+func bodyAfterTrace(t *testing.T, b []byte) []byte {
+	t.Helper()
+	if !bytes.HasPrefix(b, []byte("Received: from ")) {
+		t.Fatalf("no Received: header first: %q", b[:min(len(b), 200)])
+	}
+	i := 0
+	for {
+		j := bytes.Index(b[i:], []byte("\r\n"))
+		if j < 0 {
+			t.Fatalf("unterminated Received: header")
+		}
+		i += j + 2
+		if i >= len(b) || (b[i] != ' ' && b[i] != '\t') {
+			return b[i:]
+		}
+	}
+}
+
+// TestE2ESmugglingOnTheWire sends the smuggling variants to the real
+// daemon (whole, and octet by octet for some) and the STARTTLS injection,
+// then reads the spool: only the control message is queued, and nothing
+// queued has a bare CR or LF or a NUL.
+func TestE2ESmugglingOnTheWire(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	dir := t.TempDir()
+	cert, key := writeCert(t, dir)
+	d := writeConfig(t, dir, fmt.Sprintf("tls_cert = %q\ntls_key = %q\nmax_errors = 100", cert, key), "")
+	d.start()
+	forged := "MAIL FROM:<ceo@forged.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\nFrom: ceo@forged.test\r\n\r\nsmuggled\r\n"
+	seps := []struct {
+		name, sep string
+		bytewise  bool
+	}{
+		{"LF.LF", "\n.\n", true},
+		{"CR.CR", "\r.\r", true},
+		{"LF.CRLF", "\n.\r\n", true},
+		{"CRLF.LF", "\r\n.\n", true},
+		{"CR.CRLF", "\r.\r\n", false},
+		{"CRLF.CR", "\r\n.\r", false},
+		{"CRCRLF", "\r\r\n.\r\r\n", false},
+		{"NUL.", "\r\n\x00.\r\n", true},
+		{".NUL", "\r\n.\x00\r\n", false},
+	}
+	send := func(payload string, bytewise bool) string {
+		c, err := net.DialTimeout("tcp", d.smtp, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.(*net.TCPConn).SetNoDelay(true)
+		_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+		if bytewise {
+			for i := 0; i < len(payload); i++ {
+				if _, err := c.Write([]byte{payload[i]}); err != nil {
+					break
+				}
+			}
+		} else {
+			c.Write([]byte(payload))
+		}
+		out, _ := io.ReadAll(c)
+		return string(out)
+	}
+	for _, sp := range seps {
+		for _, bytewise := range []bool{false, true} {
+			if bytewise && !sp.bytewise {
+				continue
+			}
+			out := send("EHLO s.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nSubject: "+sp.name+"\r\n\r\nhello"+sp.sep+forged+"\r\n.\r\nQUIT\r\n", bytewise)
+			if queuedRE.MatchString(out) {
+				t.Errorf("%s (bytewise %v): a message was queued: %q", sp.name, bytewise, out)
+			}
+		}
+	}
+	// BDAT: the fake terminator inside a chunk.
+	content := "Subject: bdat\r\n\r\nhello\n.\n" + forged
+	if out := send(fmt.Sprintf("EHLO s.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT %d LAST\r\n%sQUIT\r\n", len(content), content), false); queuedRE.MatchString(out) {
+		t.Errorf("BDAT: a message was queued: %q", out)
+	}
+	// STARTTLS with commands in the same segment.
+	if out := send("EHLO s.test\r\nSTARTTLS\r\n"+forged+"\r\n.\r\n", false); !strings.Contains(out, "554 5.5.1") || queuedRE.MatchString(out) {
+		t.Errorf("STARTTLS injection: %q", out)
+	}
+	// Control: the same framing with a genuine terminator is queued.
+	if out := send("EHLO s.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nSubject: control\r\n\r\nhello\r\n.\r\nQUIT\r\n", true); !queuedRE.MatchString(out) {
+		t.Fatalf("control message not queued: %q", out)
+	}
+	d.kill(syscall.SIGTERM)
+	msgs := readSpool(t, dir)
+	for _, m := range msgs {
+		checkQueuedBody(t, m.msg.ID.String(), m.body)
+		if m.msg.From == "ceo@forged.test" || bytes.Contains(m.body, []byte("smuggled")) {
+			t.Errorf("smuggled content queued: %+v %q", m.msg, m.body)
+		}
+	}
+	if len(msgs) != 1 {
+		t.Fatalf("%d messages queued, want only the control message", len(msgs))
+	}
+}
+
+// pythonInterop exercises smtplib against the daemon: every command it
+// has, 8BITMIME and SMTPUTF8 (internationalised sender and recipient),
+// dot-stuffing, the 998-octet line limit, SIZE, and STARTTLS. It prints a
+// JSON object: reply codes and the queue id of each message.
+const pythonInterop = `
+import smtplib, ssl, sys, json
+host, port = sys.argv[1].rsplit(":", 1)
+res = {}
+def qid(msg):
+    return msg.decode().rsplit(" ", 1)[1]
+s = smtplib.SMTP(host, int(port), local_hostname="py.client.test", timeout=30)
+code, _ = s.ehlo()
+assert code == 250
+for ext in ("pipelining", "8bitmime", "smtputf8", "size", "enhancedstatuscodes", "chunking", "starttls"):
+    assert s.has_extn(ext), ext
+res["size_ext"] = s.esmtp_features["size"]
+res["noop"] = s.noop()[0]
+res["rset"] = s.rset()[0]
+res["vrfy"] = s.verify("root")[0]
+res["help"] = s.docmd("HELP")[0]
+res["expn"] = s.expn("staff")[0]
+res["helo_after_ehlo"] = s.helo("py.client.test")[0]
+s.ehlo("py.client.test")
+res["mail_size_too_big"] = s.mail("big@x.test", ["SIZE=999999999999"])[0]
+s.rset()
+
+body = sys.stdin.buffer.read()
+parts = json.loads(body)
+code, msg = s.data if False else (0, b"")
+s.mail("plain@x.test", ["SIZE=%d" % len(parts["plain"])])
+s.rcpt("r1@y.test")
+code, msg = s.data(parts["plain"].encode())
+assert code == 250, (code, msg)
+res["plain"] = qid(msg)
+
+s.mail("eight@x.test", ["BODY=8BITMIME"])
+s.rcpt("r2@y.test")
+code, msg = s.data(bytes.fromhex(parts["eight_hex"]))
+assert code == 250, (code, msg)
+res["eight"] = qid(msg)
+
+s.mail("\u03c0\u03b5\u03c4\u03c1\u03bf\u03c2@\u03c0\u03b1\u03c1\u03ac\u03b4\u03b5\u03b9\u03b3\u03bc\u03b1.test", ["SMTPUTF8", "BODY=8BITMIME"])
+code, _ = s.rcpt("\u0434\u0435\u0434@y.test")
+assert code == 250, code
+code, msg = s.data(bytes.fromhex(parts["utf8_hex"]))
+assert code == 250, (code, msg)
+res["utf8"] = qid(msg)
+
+s.mail("long@x.test")
+s.rcpt("r3@y.test")
+try:
+    c, m = s.data(parts["too_long"].encode())
+    res["too_long"] = c
+    res["too_long_msg"] = m.decode() + " len=%d" % len(parts["too_long"])
+except smtplib.SMTPDataError as e:
+    res["too_long"] = e.smtp_code
+res["after_refusal"] = s.noop()[0]
+
+s.starttls(context=ssl._create_unverified_context())
+code, _ = s.ehlo()
+assert code == 250 and not s.has_extn("starttls")
+res["tls_twice"] = s.docmd("STARTTLS")[0]
+s.mail("tls@x.test")
+s.rcpt("r4@y.test")
+code, msg = s.data(parts["plain"].encode())
+assert code == 250, (code, msg)
+res["tls"] = qid(msg)
+res["quit"] = s.quit()[0]
+print(json.dumps(res))
+`
+
+// TestE2EInteropClients sends with Python's smtplib and with swaks
+// (pipelining, STARTTLS) to the real daemon and checks, byte by byte in
+// the spool, that what they sent is what was queued.
+func TestE2EInteropClients(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	py := needTool(t, "python3", "python3")
+	dir := t.TempDir()
+	cert, key := writeCert(t, dir)
+	d := writeConfig(t, dir, fmt.Sprintf("tls_cert = %q\ntls_key = %q\nmax_message_size = 1048576", cert, key), "")
+	d.start()
+
+	plain := "Subject: plain\r\n\r\nhello\r\n.leading dot\r\n..two dots\r\n.\r\n" + strings.Repeat("x", 998) + "\r\n"
+	eight := []byte("Subject: eight\r\nContent-Type: text/plain; charset=latin1\r\nContent-Transfer-Encoding: 8bit\r\n\r\nna\xefve caf\xe9 \xff\xfe\x80\r\n.\xe9\r\n")
+	utf8 := []byte("From: \"Πέτρος\" <πετρος@παράδειγμα.test>\r\nTo: дед@y.test\r\nSubject: Grüße 🌍\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nΚαλημέρα\r\n")
+	tooLong := "Subject: long\r\n\r\n" + strings.Repeat("y", 999) + "\r\n"
+	in, _ := json.Marshal(map[string]string{
+		"plain":     plain,
+		"eight_hex": fmt.Sprintf("%x", eight),
+		"utf8_hex":  fmt.Sprintf("%x", utf8),
+		"too_long":  tooLong,
+	})
+	cmd := exec.Command(py, "-c", pythonInterop, d.smtp)
+	cmd.Stdin = bytes.NewReader(in)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("python smtplib: %v\n%s\ndaemon log:\n%s", err, out, d.log.String())
+	}
+	var res map[string]any
+	if err := json.Unmarshal(bytes.TrimSpace(out), &res); err != nil {
+		t.Fatalf("python output %q: %v", out, err)
+	}
+	wantCodes := map[string]float64{"noop": 250, "rset": 250, "vrfy": 252, "help": 214, "expn": 502,
+		"helo_after_ehlo": 250, "mail_size_too_big": 552, "too_long": 554, "after_refusal": 250, "tls_twice": 503, "quit": 221}
+	for k, v := range wantCodes {
+		if res[k] != v {
+			t.Errorf("smtplib %s: %v, want %v (%v)", k, res[k], v, res)
+		}
+	}
+	if res["size_ext"] != "1048576" {
+		t.Errorf("SIZE %v", res["size_ext"])
+	}
+
+	// swaks: pipelined, then over STARTTLS.
+	var swaksIDs []string
+	if sw := needTool(t, "swaks", "swaks"); sw != "" {
+		run := func(args ...string) string {
+			args = append([]string{"--server", d.smtp, "--from", "swaks@x.test", "--timeout", "30", "--helo", "swaks.client.test"}, args...)
+			out, err := exec.Command(sw, args...).CombinedOutput()
+			m := queuedRE.FindStringSubmatch(string(out))
+			if err != nil || m == nil {
+				t.Fatalf("swaks %v: %v\n%s", args, err, out)
+			}
+			return m[1]
+		}
+		swaksIDs = append(swaksIDs, run("--to", "sw1@y.test,sw2@y.test,sw3@z.test", "--pipeline", "--header", "Subject: swaks pipelined", "--body", "from swaks"))
+		if exec.Command("perl", "-MNet::SSLeay", "-e1").Run() == nil {
+			swaksIDs = append(swaksIDs, run("--to", "sw4@y.test", "--tls", "--header", "Subject: swaks tls", "--body", "from swaks over TLS"))
+		} else if os.Getenv("CI") != "" {
+			t.Fatal("swaks --tls needs Net::SSLeay: install libnet-ssleay-perl in CI")
+		} else {
+			t.Log("Net::SSLeay missing: swaks --tls skipped")
+		}
+	}
+
+	d.kill(syscall.SIGTERM)
+	byID := map[string]queuedMessage{}
+	for _, m := range readSpool(t, dir) {
+		byID[m.msg.ID.String()] = m
+		checkQueuedBody(t, m.msg.ID.String(), m.body)
+	}
+	get := func(key string) queuedMessage {
+		id, _ := res[key].(string)
+		m, ok := byID[id]
+		if !ok {
+			t.Fatalf("%s message %q not in the spool", key, id)
+		}
+		return m
+	}
+	unstuffed := strings.Replace(strings.Replace(plain, "\r\n..two", "\r\n.two", 1), "\r\n.\r\n", "\r\n.\r\n", 1)
+	_ = unstuffed
+	if m := get("plain"); string(bodyAfterTrace(t, m.body)) != plain {
+		// smtplib dot-stuffs; hermod must unstuff to exactly what was given.
+		t.Errorf("plain body changed:\n%q\nwant\n%q", bodyAfterTrace(t, m.body), plain)
+	} else if !bytes.Contains(m.body, []byte("with ESMTP id")) {
+		t.Errorf("plain: Received header %q", m.body[:120])
+	}
+	if m := get("eight"); !bytes.Equal(bodyAfterTrace(t, m.body), eight) || !m.msg.Body8Bit {
+		t.Errorf("8BITMIME message changed (8bit %v): %q", m.msg.Body8Bit, bodyAfterTrace(t, m.body))
+	}
+	m := get("utf8")
+	if !bytes.Equal(bodyAfterTrace(t, m.body), utf8) || !m.msg.SMTPUTF8 || m.msg.From != "πετρος@παράδειγμα.test" ||
+		len(m.msg.Rcpts) != 1 || m.msg.Rcpts[0].Addr != "дед@y.test" || !bytes.Contains(m.body, []byte("with UTF8SMTP id")) {
+		t.Errorf("SMTPUTF8 message: %+v\n%q", m.msg, m.body)
+	}
+	if m := get("tls"); !bytes.Contains(m.body, []byte("with ESMTPS id")) || !bytes.Contains(m.body, []byte("(using TLSv1.3")) {
+		t.Errorf("STARTTLS message's Received header: %q", m.body[:min(len(m.body), 300)])
+	}
+	for _, id := range swaksIDs {
+		if _, ok := byID[id]; !ok {
+			t.Errorf("swaks message %s not queued", id)
+		}
+	}
+	if len(swaksIDs) > 0 {
+		if m := byID[swaksIDs[0]]; len(m.msg.Rcpts) != 3 {
+			t.Errorf("swaks pipelined message has %d recipients", len(m.msg.Rcpts))
+		}
+	}
+	if want := 4 + len(swaksIDs); len(byID) != want {
+		t.Errorf("%d messages queued, want %d", len(byID), want)
+	}
+}
+
+// smtpSink runs Postfix's smtp-sink on addr, dumping each transaction to
+// a file of dir.
+type smtpSink struct {
+	cmd *exec.Cmd
+	dir string
+	out *syncBuffer
+}
+
+func startSMTPSink(t *testing.T, addr string) *smtpSink {
+	t.Helper()
+	bin := needTool(t, "smtp-sink", "postfix")
+	// Not t.TempDir: smtp-sink may drop to "nobody", who needs a path it
+	// can traverse.
+	dir, err := os.MkdirTemp("", "hermod-smtp-sink")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o777)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	args := []string{"-d", dir + "/%H%M%S.", "-h", "sink.test"}
+	if os.Geteuid() == 0 {
+		args = append(args, "-u", "nobody") // required when run as root
+	}
+	args = append(args, addr, "128")
+	s := &smtpSink{cmd: exec.Command(bin, args...), dir: dir, out: &syncBuffer{}}
+	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { s.cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		s.cmd.Process.Kill()
+		<-exited
+	})
+	for i := 0; ; i++ {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return s
+		}
+		select {
+		case <-exited:
+			t.Fatalf("smtp-sink exited: %s", s.out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if i > 200 {
+			t.Fatalf("smtp-sink not listening on %s: %s", addr, s.out.String())
+		}
+	}
+}
+
+// dumps returns the transactions smtp-sink has written so far.
+func (s *smtpSink) dumps(t *testing.T) [][]byte {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join(s.dir, "*"))
+	var out [][]byte
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err == nil && len(b) > 0 {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// metric returns the value of an unlabelled counter in /metrics.
+func (d *hermodProc) metric(name string) float64 {
+	d.t.Helper()
+	_, body := d.get("/metrics")
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` ([0-9.e+]+)$`).FindStringSubmatch(body)
+	if m == nil {
+		return -1
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}
+
+// TestE2EInteropPostfix injects mail with Postfix's smtp-source (new
+// connection per message, and reused connections with several recipients)
+// and relays it through the real daemon, resolving through a loopback DNS
+// server, to Postfix's smtp-sink as the destination MX.
+func TestE2EInteropPostfix(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	source := needTool(t, "smtp-source", "postfix")
+	py := needTool(t, "python3", "python3")
+	const sinkIP = "127.0.0.9"
+	l, err := net.Listen("tcp", sinkIP+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	sink := startSMTPSink(t, fmt.Sprintf("%s:%d", sinkIP, port))
+	mx := []bench.MX{{Host: "mx.sink.test", Pref: 10, Addrs: []string{sinkIP}}}
+	dns, err := bench.NewDNS(bench.DNSConfig{Listen: "127.0.0.1:0", Domains: 1, MX: []string{sinkIP}, Extra: []string{}, TTL: 60,
+		Zones: []bench.Zone{{Name: "sink.test", MX: mx}, {Name: "src.test", MX: mx}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dns.Close() })
+	dir := t.TempDir()
+	d := writeConfig(t, dir, "", fmt.Sprintf(`[dns]
+resolvers = [%q]
+[delivery]
+port = %d
+retry = ["1s"]
+idle_timeout = "1s"
+scan_interval = "200ms"
+`, dns.Addr(), port))
+	d.start()
+
+	runSource := func(args ...string) {
+		t.Helper()
+		args = append(args, "-f", "loader@src.test", "-M", "smtp-source.client.test", "-l", "1024", d.smtp)
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, source, args...).CombinedOutput()
+		if err != nil || len(bytes.TrimSpace(out)) > 0 {
+			t.Fatalf("smtp-source %v: %v\n%s", args, err, out)
+		}
+	}
+	// 100 messages, 10 parallel sessions, a new connection per message.
+	runSource("-s", "10", "-m", "100", "-t", "one@sink.test")
+	// 100 messages over 5 reused connections, 3 recipients each.
+	runSource("-d", "-s", "5", "-m", "100", "-r", "3", "-N", "-t", "many@sink.test")
+	// One message whose content tests transparency on the way out: dot
+	// lines, 8-bit octets, a 998-octet line.
+	tricky := "Subject: tricky\r\n\r\n.\r\n..\r\n.leading\r\n\xe9t\xe9\r\n" + strings.Repeat("z", 998) + "\r\nend\r\n"
+	script := `import smtplib, sys
+s = smtplib.SMTP(sys.argv[1].rsplit(":",1)[0], int(sys.argv[1].rsplit(":",1)[1]), timeout=30)
+s.ehlo("py.client.test")
+s.sendmail("tricky@src.test", ["tricky@sink.test"], sys.stdin.buffer.read(), mail_options=["BODY=8BITMIME"])
+s.quit()`
+	cmd := exec.Command(py, "-c", script, d.smtp)
+	cmd.Stdin = strings.NewReader(tricky)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("python: %v\n%s", err, out)
+	}
+
+	const total = 201
+	if got := d.metric("hermod_smtp_messages_received_total"); got != total {
+		t.Errorf("hermod_smtp_messages_received_total = %v, want %d", got, total)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	var dumps [][]byte
+	for {
+		dumps = sink.dumps(t)
+		if len(dumps) >= total || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(dumps) != total {
+		_, q := d.get("/api/queue")
+		t.Fatalf("smtp-sink received %d transactions, want %d\nqueue: %.2000s\nlog: %.3000s", len(dumps), total, q, d.log.String())
+	}
+	rcpts, trickyOK := 0, false
+	for _, b := range dumps {
+		rcpts += bytes.Count(b, []byte("\nX-Rcpt-Args: <"))
+		if !bytes.Contains(b, []byte("\tby mx.e2e.test (Hermod) with ")) {
+			t.Fatalf("dump without hermod's Received header: %.400q", b)
+		}
+		if bytes.Contains(b, []byte("Subject: tricky")) {
+			// smtp-sink writes LF line endings.
+			want := strings.ReplaceAll(tricky, "\r\n", "\n")
+			trickyOK = bytes.Contains(b, []byte(want)) && bytes.Contains(b, []byte("X-Mail-Args: <tricky@src.test> BODY=8BITMIME"))
+			if !trickyOK {
+				t.Errorf("tricky message changed on the way:\n%q", b)
+			}
+		}
+	}
+	if rcpts != 100+300+1 {
+		t.Errorf("smtp-sink saw %d recipients, want 401", rcpts)
+	}
+	if !trickyOK {
+		t.Error("tricky message not delivered intact")
+	}
+	// Everything delivered: the queue drains.
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		_, q := d.get("/api/queue")
+		if strings.TrimSpace(q) == "[]" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("queue not empty after delivery: %.2000s", q)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+var _ = tls.VersionTLS13
