@@ -80,7 +80,9 @@ func compileRelay(c RelayConfig) (*relayPolicy, error) {
 		p.nets = append(p.nets, pr.Masked())
 	}
 	for _, d := range c.RelayDomains {
-		p.domains[strings.ToLower(strings.TrimSuffix(d, "."))] = true
+		// The form netio.Domain gives recipients: either spelling of an
+		// internationalised name matches.
+		p.domains[netio.CanonicalDomain(strings.TrimSuffix(d, "."))] = true
 	}
 	return p, nil
 }

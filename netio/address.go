@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"unicode/utf8"
+
+	"golang.org/x/net/idna"
 )
 
 // mbKind classifies a parsed path.
@@ -71,6 +73,9 @@ func parseMailbox(path []byte, mail bool) (string, mbKind) {
 	}
 	if utf {
 		if !utf8.Valid(path) {
+			return "", mbBad
+		}
+		if kind == mbOK && !validIDN(domain) {
 			return "", mbBad
 		}
 		if kind == mbOK {
@@ -200,12 +205,39 @@ func validLiteral(b []byte) bool {
 	return err == nil && a.Is4()
 }
 
-// Domain returns the lower-cased domain part of a mailbox produced by the
-// session ("" when there is none).
+// Domain returns the domain part of a mailbox produced by the session in
+// its canonical form (see CanonicalDomain), "" when there is none. It is
+// the routing key: relay checks, DNS lookups and per-destination queues
+// use it, so <u@bücher.example> and <u@XN--BCHER-KVA.example> go to the
+// same place.
 func Domain(mailbox string) string {
 	i := strings.LastIndexByte(mailbox, '@')
 	if i < 0 {
 		return ""
 	}
-	return strings.ToLower(mailbox[i+1:])
+	return CanonicalDomain(mailbox[i+1:])
+}
+
+// CanonicalDomain returns a domain name lower-cased and, when it has
+// U-labels, in its A-label (Punycode) form under IDNA2008's lookup rules
+// (RFC 5890, RFC 6531 §3.2): the form the DNS knows. A name that is not a
+// valid internationalised domain name is only lower-cased (the session
+// refuses such names in addresses).
+func CanonicalDomain(d string) string {
+	for i := 0; i < len(d); i++ {
+		if d[i] >= 0x80 {
+			if a, err := idna.Lookup.ToASCII(d); err == nil {
+				return strings.ToLower(a)
+			}
+			return strings.ToLower(d)
+		}
+	}
+	return strings.ToLower(d)
+}
+
+// validIDN reports whether a domain with non-ASCII octets is a valid
+// internationalised domain name.
+func validIDN(d []byte) bool {
+	_, err := idna.Lookup.ToASCII(string(d))
+	return err == nil
 }

@@ -370,6 +370,7 @@ func TestHostileReplyCodes(t *testing.T) {
 		{"rcpt space inside", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:< b@y.test>\r\n", []string{"250-", "250", "553 5.1.3"}},
 		{"rcpt space after colon", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO: <b@y.test>\r\n", []string{"250-", "250", "250 2.1.5"}},
 		{"smtputf8 rcpt", hello + "MAIL FROM:<a@x.test> SMTPUTF8\r\nRCPT TO:<пример@испытание.test>\r\n", []string{"250-", "250 2.1.0", "250 2.1.5"}},
+		{"invalid idn", hello + "MAIL FROM:<a@x.test> SMTPUTF8\r\nRCPT TO:<b@a\u200db.test>\r\nRCPT TO:<b@\u0300ab.test>\r\n", []string{"250-", "250", "553 5.1.3", "553 5.1.3"}},
 		{"smtputf8 with value", hello + "MAIL FROM:<a@x.test> SMTPUTF8=yes\r\n", []string{"250-", "501 5.5.4"}},
 		{"utf8 without smtputf8", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<пример@y.test>\r\n", []string{"250-", "250", "553 5.6.7"}},
 		{"body 7bit", hello + "MAIL FROM:<a@x.test> BODY=7BIT\r\n", []string{"250-", "250 2.1.0"}},
@@ -860,3 +861,23 @@ func TestHostileBDATHuge(t *testing.T) {
 }
 
 var _ sync.Mutex
+
+// TestHostileCanonicalDomain: every spelling of a domain maps to one
+// routing key, the form the DNS knows, so relay checks and delivery agree.
+func TestHostileCanonicalDomain(t *testing.T) {
+	cases := []struct{ in, want string }{
+		{"u@Example.TEST", "example.test"},
+		{"u@bücher.test", "xn--bcher-kva.test"},
+		{"u@BÜCHER.Test", "xn--bcher-kva.test"},
+		{"u@XN--BCHER-KVA.test", "xn--bcher-kva.test"},
+		{"\"a@b\"@bücher.test", "xn--bcher-kva.test"},
+		{"u@παράδειγμα.test", "xn--hxajbheg2az3al.test"},
+		{"u@ｆｕｌｌ.test", "full.test"}, // UTS 46 width mapping: routed to full.test, checked as full.test
+		{"nodomain", ""},
+	}
+	for _, c := range cases {
+		if got := Domain(c.in); got != c.want {
+			t.Errorf("Domain(%q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}

@@ -259,7 +259,7 @@ max_errors = 100`, "")
 				friends++
 			}
 			dom := strings.ToLower(r.Domain)
-			if dom != "allowed.test" && dom != "bücher.test" || strings.ContainsAny(r.Addr[:strings.LastIndexByte(r.Addr, '@')], "%!@") {
+			if dom != "allowed.test" && dom != "xn--bcher-kva.test" || strings.ContainsAny(r.Addr[:strings.LastIndexByte(r.Addr, '@')], "%!@") {
 				t.Errorf("open relay: queued recipient %q (domain %q)", r.Addr, r.Domain)
 			}
 		}
@@ -754,3 +754,92 @@ s.quit()`
 }
 
 var _ = tls.VersionTLS13
+
+// TestE2EIDNRelayAndDelivery: internationalised domains (RFC 6531, RFC
+// 5890). relay_domains match whether the configuration or the client uses
+// the U-label or the A-label form, and mail to a U-label domain is routed
+// through the DNS under its A-label and delivered with SMTPUTF8.
+func TestE2EIDNRelayAndDelivery(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	const mxIP = "127.0.0.10"
+	l, err := net.Listen("tcp", mxIP+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	sink, err := bench.NewSink(bench.SinkConfig{Listen: []string{fmt.Sprintf("%s:%d", mxIP, port)}, Hostname: "sink.test",
+		Capture: []string{"bücher.test", "xn--bcher-kva.test", "müller.test", "xn--mller-kva.test"}, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sink.Close() })
+	mx := func(host string) []bench.MX { return []bench.MX{{Host: host, Pref: 10, Addrs: []string{mxIP}}} }
+	dns, err := bench.NewDNS(bench.DNSConfig{Listen: "127.0.0.1:0", Domains: 1, MX: []string{mxIP}, Extra: []string{}, TTL: 60,
+		Zones: []bench.Zone{{Name: "xn--bcher-kva.test", MX: mx("mx.xn--bcher-kva.test")}, {Name: "xn--mller-kva.test", MX: mx("mx.xn--mller-kva.test")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dns.Close() })
+	dir := t.TempDir()
+	d := writeConfig(t, dir, `relay_networks = ["192.0.2.0/24"]
+relay_domains = ["xn--bcher-kva.test", "Müller.test"]`, fmt.Sprintf(`[dns]
+resolvers = [%q]
+[delivery]
+port = %d
+tls = "disabled"
+retry = ["1s"]
+idle_timeout = "1s"
+scan_interval = "200ms"
+`, dns.Addr(), port))
+	d.start()
+
+	s := dialRaw(t, d.smtp)
+	s.cmd("EHLO idn.client.test")
+	steps := []struct{ cmd, want string }{
+		{"MAIL FROM:<sender@example.test> SMTPUTF8", "250"},
+		{"RCPT TO:<ü@bücher.test>", "250 2.1.5"}, // U-label; config has the A-label
+		{"RCPT TO:<ä@BÜCHER.test>", "250 2.1.5"}, // case folded
+		{"RCPT TO:<ö@müller.test>", "250 2.1.5"}, // as configured
+		{"RCPT TO:<x@bücher.evil.test>", "554 5.7.1"},
+		{"DATA", "354"},
+		{"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nGrüße\r\n.", "250 2.0.0"},
+		{"MAIL FROM:<sender@example.test>", "250"},
+		{"RCPT TO:<u@XN--BCHER-KVA.test>", "250 2.1.5"}, // A-label, no SMTPUTF8 needed
+		{"RCPT TO:<m@xn--mller-kva.test>", "250 2.1.5"}, // config has the U-label
+		{"DATA", "354"},
+		{"Subject: ascii\r\n\r\nhi\r\n.", "250 2.0.0"},
+		{"QUIT", "221"},
+	}
+	for _, st := range steps {
+		if r := s.cmd(st.cmd); !strings.HasPrefix(r, st.want) {
+			t.Fatalf("%q: %q, want %s", st.cmd, r, st.want)
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	count := func() int {
+		n := 0
+		for _, dom := range []string{"bücher.test", "xn--bcher-kva.test", "müller.test", "xn--mller-kva.test"} {
+			for _, c := range sink.Captured(dom) {
+				n += len(c.Rcpts)
+			}
+		}
+		return n
+	}
+	for count() < 5 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := count(); n != 5 {
+		_, q := d.get("/api/queue")
+		t.Fatalf("%d of 5 recipients delivered to the IDN domains' MX\nqueue: %.3000s", n, q)
+	}
+	for _, c := range sink.Captured("bücher.test") {
+		for _, r := range c.Rcpts {
+			if r == "ü@bücher.test" && !bytes.Contains(c.Raw, []byte("Grüße")) {
+				t.Errorf("UTF-8 message changed: %q", c.Raw)
+			}
+		}
+	}
+}
