@@ -261,6 +261,8 @@ type LoadResult struct {
 	// timed out, or a non-2xx greeting).
 	Connections  uint64 `json:"connections"`
 	ConnFailures uint64 `json:"conn_failures"`
+	// TLSConnections counts connections upgraded with STARTTLS.
+	TLSConnections uint64 `json:"tls_connections"`
 	// Rate is Accepted per second of Elapsed.
 	Rate float64 `json:"rate"`
 	// Latency is from the first byte of a message's MAIL command to the
@@ -422,6 +424,7 @@ func (l *Load) Run(ctx context.Context) (LoadResult, error) {
 		res.Bytes += w.n.bytes
 		res.Connections += w.n.conns
 		res.ConnFailures += w.n.connFail
+		res.TLSConnections += w.n.tlsConns
 		for c, n := range w.codes {
 			res.Codes[c] += n
 		}
@@ -567,7 +570,7 @@ type message struct {
 type workerCounts struct {
 	attempted, accepted, rejected, tempfailed, failed uint64
 	rcptOK, rcptRej, rcptTemp, delivered, bytes       uint64
-	conns, connFail                                   uint64
+	conns, connFail, tlsConns                         uint64
 }
 
 // worker is one session.
@@ -846,6 +849,7 @@ func (w *worker) startTLS() error {
 	}
 	w.l.untrack(w.conn)
 	w.conn = tc
+	w.n.tlsConns++
 	if !w.l.track(tc) {
 		return context.Canceled
 	}

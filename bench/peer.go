@@ -139,20 +139,8 @@ func (p *PostfixTarget) Start(ctx context.Context, env TargetEnv) ([]string, err
 	}
 	var extra []string
 	if env.Scenario.Load.StartTLS {
-		ip := net.ParseIP(host)
-		cert, certPEM, err := selfSigned([]string{"postfix.bench.test", "localhost"}, []net.IP{ip})
-		if err != nil {
-			return nil, err
-		}
-		keyPEM, err := pemKey(cert.PrivateKey)
-		if err != nil {
-			return nil, err
-		}
 		cf, kf := filepath.Join(env.WorkDir, "smtpd-cert.pem"), filepath.Join(env.WorkDir, "smtpd-key.pem")
-		if err := os.WriteFile(cf, certPEM, 0o644); err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(kf, keyPEM, 0o600); err != nil {
+		if err := writeSelfSigned(cf, kf, "postfix.bench.test", host); err != nil {
 			return nil, err
 		}
 		extra = append(extra, "SMTPD_TLS_CERT="+cf, "SMTPD_TLS_KEY="+kf)

@@ -22,7 +22,7 @@ func (r LoadResult) WriteText(w io.Writer) error {
 	row("recipients", fmt.Sprintf("%d accepted, %d rejected, %d tempfailed; %d delivered",
 		r.RcptAccepted, r.RcptRejected, r.RcptTempFailed, r.Delivered))
 	row("reply codes", formatCodes(r.Codes))
-	row("connections", fmt.Sprintf("%d (%d failed)", r.Connections, r.ConnFailures))
+	row("connections", fmt.Sprintf("%d (%d failed, %d with TLS)", r.Connections, r.ConnFailures, r.TLSConnections))
 	row("rate", fmt.Sprintf("%.0f msg/s accepted, %.1f MiB/s", r.Rate, float64(r.Bytes)/(1<<20)/max(r.Elapsed.Seconds(), 1e-9)))
 	row("latency", r.Latency)
 	if r.Sojourn.Count > 0 {

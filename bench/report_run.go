@@ -71,10 +71,17 @@ func (r Report) WriteText(w io.Writer) error {
 	}
 	row("outcome", "%s: %d of %d accepted pairs delivered; lost %d, duplicates %d, corrupted %d", status,
 		a.Delivered, a.Expected, a.Lost, a.Duplicates, r.Sink.Corrupted)
+	if r.QueuedAtEnd > 0 {
+		row("", "%d messages still queued in the target at the end", r.QueuedAtEnd)
+	}
 	if a.Excluded > 0 {
 		row("", "%d pairs to undeliverable domains not waited for", a.Excluded)
 	}
 	l := r.Load
+	if l.TLSConnections > 0 || r.Sink.TLS > 0 {
+		row("TLS", "load→target %d of %d connections; target→sink %d of %d connections", l.TLSConnections,
+			l.Connections, r.Sink.TLS, r.Sink.Connections)
+	}
 	row("injection", "%.0f msg/s accepted  (%d accepted of %d attempted: %d rejected, %d tempfailed, %d failed; %s)",
 		r.InjectionRate, l.Accepted, l.Attempted, l.Rejected, l.TempFailed, l.Failed, fmtDur(l.Elapsed))
 	row("delivery", "%.0f %s end to end  (last delivery %s after the start of the load)", r.DeliveryRate,
@@ -96,8 +103,11 @@ func (r Report) WriteText(w io.Writer) error {
 	}
 	if r.MeasuredSpool {
 		row("fsyncs", "%.3f per message  (%d WAL syncs)", r.FsyncsPerMsg, r.Fsyncs)
-		row("spool", "peak %s, peak queue %d messages (%s per queued message)", fmtBytes(float64(r.SpoolPeakBytes)),
-			r.QueuePeak, fmtBytes(r.SpoolBytesPerMsg))
+		per := ""
+		if r.SpoolBytesPerMsg > 0 {
+			per = " (" + fmtBytes(r.SpoolBytesPerMsg) + " per queued message then)"
+		}
+		row("spool", "peak %s on disk; queue peak %d messages%s", fmtBytes(float64(r.SpoolPeakBytes)), r.QueuePeak, per)
 	}
 	row("harness CPU", "%s per message  (%.2f s: load generator, sink, DNS)", fmtMicros(r.HarnessCPUPerMsg),
 		r.HarnessCPU.Seconds())

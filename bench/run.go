@@ -152,11 +152,17 @@ type Report struct {
 	Fsyncs          uint64  `json:"fsyncs"`
 	FsyncsPerMsg    float64 `json:"fsyncs_per_msg"`
 	SpoolPeakBytes  uint64  `json:"spool_peak_bytes"`
-	// SpoolBytesPerMsg is SpoolPeakBytes over the most messages queued at
-	// one time (QueuePeak): what a queued message costs on disk, WAL and
-	// compaction debt included.
+	// SpoolBytesPerMsg is the spool's size when the queue was longest
+	// over the number of messages queued then (QueuePeak): what a queued
+	// message costs on disk, WAL and compaction debt included. It is left
+	// 0 when the queue never reached 1000 messages (the spool's fixed
+	// overhead would dominate).
 	SpoolBytesPerMsg float64 `json:"spool_bytes_per_msg"`
 	QueuePeak        int64   `json:"queue_peak"`
+	// QueuedAtEnd is the target's queue when the run ended (-1 when not
+	// measured): pairs not delivered by then may still be queued (late)
+	// rather than lost.
+	QueuedAtEnd int64 `json:"queued_at_end"`
 
 	// The machine during the run: CPU time of the harness itself (load
 	// generator, sink and DNS), the share of all CPUs busy, the CPU time
@@ -173,6 +179,10 @@ type Report struct {
 	Timeline []Sample `json:"timeline"`
 }
 
+// minQueueForSpoolPerMsg is the queue length from which
+// Report.SpoolBytesPerMsg is computed.
+const minQueueForSpoolPerMsg = 1000
+
 // Lost is the number of accepted pairs never delivered.
 func (r Report) Lost() uint64 { return r.Accounting.Lost }
 
@@ -182,8 +192,13 @@ func (r Report) Lost() uint64 { return r.Accounting.Lost }
 func (r Report) Problems() []string {
 	var out []string
 	if r.Accounting.Lost > 0 {
-		out = append(out, fmt.Sprintf("%d accepted pairs never delivered (lost), e.g. %s", r.Accounting.Lost,
-			strings.Join(r.Accounting.LostSample[:min(3, len(r.Accounting.LostSample))], ", ")))
+		eg := strings.Join(r.Accounting.LostSample[:min(3, len(r.Accounting.LostSample))], ", ")
+		if r.QueuedAtEnd > 0 {
+			out = append(out, fmt.Sprintf("%d accepted pairs not delivered before the end of the run, while the "+
+				"target still queued %d messages (late or lost), e.g. %s", r.Accounting.Lost, r.QueuedAtEnd, eg))
+		} else {
+			out = append(out, fmt.Sprintf("%d accepted pairs never delivered (lost), e.g. %s", r.Accounting.Lost, eg))
+		}
 	}
 	if r.Sink.Corrupted > 0 {
 		out = append(out, fmt.Sprintf("%d messages arrived corrupted", r.Sink.Corrupted))
@@ -618,11 +633,15 @@ func (r *rig) run(ctx context.Context, t Target, messages int, notes []string) (
 		rep.FsyncsPerMsg = ratio(p1.Fsyncs, p0.Fsyncs)
 		rep.SpoolPeakBytes = max(p1.SpoolBytes, smp.peakSpool)
 		rep.QueuePeak = max(p1.Queued, smp.peakQueue)
-		if rep.QueuePeak > 0 {
+		if rep.QueuePeak >= minQueueForSpoolPerMsg {
 			rep.SpoolBytesPerMsg = float64(smp.spoolAtPeakQueue) / float64(rep.QueuePeak)
 		}
 	}
-	rep.HarnessCPU = (self1.cpu - self0.cpu)
+	rep.QueuedAtEnd = -1
+	if p1.Queue {
+		rep.QueuedAtEnd = p1.Queued
+	}
+	rep.HarnessCPU = self1.cpu - self0.cpu
 	rep.HarnessCPUPerMsg = perMsg(rep.HarnessCPU)
 	if tot := m1.total - m0.total; tot > 0 {
 		busy := m1.busy - m0.busy

@@ -370,3 +370,17 @@ a = ["127.0.0.9"]
 		}
 	}
 }
+
+func TestRunDirectTLS(t *testing.T) {
+	sc := testScenario(t, strings.Replace(smallScenario, "seed = 7", "seed = 7\nstarttls = true", 1)+
+		"starttls = true\n")
+	rep := runIt(t, RunConfig{Scenario: sc, Target: DirectTarget{}})
+	if !rep.Complete || rep.Load.TLSConnections != 4 || rep.Sink.TLS != 4 {
+		t.Errorf("complete %v, load TLS %d, sink TLS %d", rep.Complete, rep.Load.TLSConnections, rep.Sink.TLS)
+	}
+	var txt bytes.Buffer
+	_ = rep.WriteText(&txt)
+	if !strings.Contains(txt.String(), "load→target 4 of 4 connections") {
+		t.Errorf("text:\n%s", txt.String())
+	}
+}
