@@ -881,3 +881,106 @@ func TestHostileCanonicalDomain(t *testing.T) {
 		}
 	}
 }
+
+// cleanText reports whether content (CRLF-separated lines, the last one
+// possibly unterminated) is acceptable message text: no bare CR or LF, no
+// NUL, every line at most 1000 octets with its CRLF.
+func cleanText(content []byte) bool {
+	for _, l := range bytes.Split(content, []byte("\r\n")) {
+		if bytes.ContainsAny(l, "\r\n\x00") || len(l)+2 > maxTextLine {
+			return false
+		}
+	}
+	return true
+}
+
+func fuzzConfig() *ServerConfig {
+	c := testConfig()
+	c.MaxMessageSize = 1 << 20
+	return c
+}
+
+// FuzzHostileData checks DATA against a model: content followed by the
+// terminator is committed as exactly one message whose body is the
+// dot-unstuffed content when that content is clean text, and nothing is
+// committed otherwise, however the input is split. Content holding its own
+// <CRLF>.<CRLF> is checked only for the invariants of every run.
+func FuzzHostileData(f *testing.F) {
+	for _, sm := range smugglers {
+		f.Add([]byte("hello"+sm.sep+smuggled), uint8(1))
+	}
+	f.Add([]byte(".\r\n..\r\n.a"), uint8(2))
+	f.Add([]byte(strings.Repeat("x", 998)), uint8(7))
+	f.Add([]byte(strings.Repeat("x", 999)), uint8(7))
+	f.Fuzz(func(t *testing.T, content []byte, chunk uint8) {
+		in := hello + tx + "DATA\r\n" + string(content) + "\r\n.\r\nNOOP\r\n"
+		b1, b2 := &fakeBackend{}, &fakeBackend{}
+		out1, _ := runSession(t, fuzzConfig(), b1, in, 0)
+		out2, _ := runSession(t, fuzzConfig(), b2, in, int(chunk%9)+1)
+		if out1 != out2 || len(b1.msgs) != len(b2.msgs) {
+			t.Fatalf("split changes the outcome:\n%q\n%q", out1, out2)
+		}
+		for _, m := range b1.msgs {
+			checkBody(t, m.body)
+		}
+		framed := []byte("\r\n" + string(content) + "\r\n.\r\n")
+		if bytes.Index(framed, []byte("\r\n.\r\n")) != len(content) {
+			return // the content ends the data itself
+		}
+		if len(b1.msgs) > 1 {
+			t.Fatalf("one DATA made %d messages", len(b1.msgs))
+		}
+		if !cleanText(content) {
+			if len(b1.msgs) != 0 {
+				t.Fatalf("unclean content committed: %q", b1.msgs[0].body)
+			}
+			return
+		}
+		var want []byte
+		for _, l := range bytes.Split(content, []byte("\r\n")) {
+			want = append(append(want, bytes.TrimPrefix(l, []byte("."))...), '\r', '\n')
+		}
+		if len(b1.msgs) != 1 || b1.msgs[0].body != string(want) {
+			t.Fatalf("clean content: %d messages, want 1 with body %q\n%q", len(b1.msgs), want, out1)
+		}
+	})
+}
+
+// FuzzHostileBDAT checks BDAT against the same model, the content cut in
+// two chunks at a fuzzed point: committed verbatim (plus a final CRLF when
+// missing) when clean, refused otherwise.
+func FuzzHostileBDAT(f *testing.F) {
+	for _, sm := range smugglers {
+		f.Add([]byte("hello"+sm.sep+smuggled), uint16(6), uint8(1))
+	}
+	f.Add([]byte("a\r\nb"), uint16(1), uint8(1))
+	f.Add([]byte(strings.Repeat("x", 999)), uint16(500), uint8(3))
+	f.Fuzz(func(t *testing.T, content []byte, cut uint16, chunk uint8) {
+		k := int(cut) % (len(content) + 1)
+		c1, c2 := content[:k], content[k:]
+		in := hello + tx + fmt.Sprintf("BDAT %d\r\n%sBDAT %d LAST\r\n%sNOOP\r\n", len(c1), c1, len(c2), c2)
+		b1, b2 := &fakeBackend{}, &fakeBackend{}
+		out1, _ := runSession(t, fuzzConfig(), b1, in, 0)
+		out2, _ := runSession(t, fuzzConfig(), b2, in, int(chunk%9)+1)
+		if out1 != out2 || len(b1.msgs) != len(b2.msgs) {
+			t.Fatalf("split changes the outcome:\n%q\n%q", out1, out2)
+		}
+		if !strings.HasSuffix(out1, "250 2.0.0 Ok\r\n") {
+			t.Fatalf("session out of step: %q", out1)
+		}
+		if !cleanText(content) {
+			if len(b1.msgs) != 0 {
+				t.Fatalf("unclean content committed: %q", b1.msgs[0].body)
+			}
+			return
+		}
+		want := string(content)
+		if len(want) > 0 && !strings.HasSuffix(want, "\r\n") {
+			want += "\r\n"
+		}
+		if len(b1.msgs) != 1 || b1.msgs[0].body != want {
+			t.Fatalf("clean content: %d messages, want 1 with body %q\n%q", len(b1.msgs), want, out1)
+		}
+		checkBody(t, b1.msgs[0].body)
+	})
+}

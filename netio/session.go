@@ -964,6 +964,9 @@ func (s *Session) endBDAT(out []byte) ([]byte, Action) {
 	if s.prevCR {
 		s.noteDataErr(errBareLFData)
 	}
+	if s.lineLen > 0 && s.lineLen+2 > maxTextLine {
+		s.noteDataErr(errDataLineLong) // with the CRLF added below
+	}
 	if s.dataErr != nil {
 		e := s.dataErr
 		s.resetTxn()
