@@ -51,9 +51,16 @@ func fmtTick(v float64) string {
 	}
 }
 
-// svgChart draws series as lines over a shared x axis (seconds). With logY
-// the y axis is logarithmic and points <= 0 are left out.
-func svgChart(title, yUnit string, ss []series, logY bool) template.HTML {
+// mark is a labelled vertical line on a chart (an event: the release).
+type mark struct {
+	x     float64
+	label string
+}
+
+// svgChart draws series as lines over a shared x axis (seconds), with
+// marks as vertical lines. With logY the y axis is logarithmic and points
+// <= 0 are left out.
+func svgChart(title, yUnit string, ss []series, logY bool, marks ...mark) template.HTML {
 	const W, H, ml, mr, mt, mb = 760.0, 270.0, 64.0, 16.0, 30.0, 34.0
 	pw, ph := W-ml-mr, H-mt-mb
 	maxX, minY, maxY := 0.0, math.Inf(1), math.Inf(-1)
@@ -75,6 +82,9 @@ func svgChart(title, yUnit string, ss []series, logY bool) template.HTML {
 	if n == 0 {
 		fmt.Fprintf(&b, `<text x="%g" y="%g" font-size="13" fill="#777">no data</text></svg>`, ml+pw/2-30, mt+ph/2)
 		return template.HTML(b.String()) //nolint:gosec // built here, text escaped
+	}
+	for _, m := range marks {
+		maxX = max(maxX, m.x)
 	}
 	if maxX <= 0 {
 		maxX = 1
@@ -131,6 +141,13 @@ func svgChart(title, yUnit string, ss []series, logY bool) template.HTML {
 		ml+pw/2, H-4)
 	fmt.Fprintf(&b, `<text x="14" y="%g" font-size="11" fill="#555" transform="rotate(-90 14 %g)" text-anchor="middle">%s</text>`,
 		mt+ph/2, mt+ph/2, html.EscapeString(yUnit))
+	for _, m := range marks {
+		x := px(m.x)
+		fmt.Fprintf(&b, `<line x1="%.1f" x2="%.1f" y1="%.1f" y2="%.1f" stroke="#444" stroke-dasharray="4 3"/>`, x, x, mt,
+			mt+ph)
+		fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" font-size="11" fill="#444">%s</text>`, x+4, mt+12,
+			html.EscapeString(m.label))
+	}
 	// Lines and legend (left to right, ending at the plot's right edge).
 	lx := ml + pw
 	for _, s := range ss {
@@ -175,16 +192,23 @@ func timelineSeries(name, color string, tl []Sample, get func(Sample) float64) s
 // charts returns a report's charts.
 func (r Report) charts() []template.HTML {
 	tl := r.Timeline
+	var marks []mark
+	if r.Released > 0 {
+		marks = append(marks, mark{r.Released.Seconds(), "release"})
+	}
+	if r.Load.Elapsed > 0 {
+		marks = append(marks, mark{r.Load.Elapsed.Seconds(), "end of load"})
+	}
 	out := []template.HTML{
 		svgChart("Throughput", r.rateUnit(), []series{
 			timelineSeries("accepted", palette[0], tl, func(s Sample) float64 { return s.AcceptRate }),
 			timelineSeries("delivered", palette[1], tl, func(s Sample) float64 { return s.DeliveryRate }),
-		}, false),
+		}, false, marks...),
 		svgChart("End-to-end latency of the messages arriving in each interval", "ms (log)", []series{
 			timelineSeries("p50", palette[2], tl, func(s Sample) float64 { return s.E2EP50 }),
 			timelineSeries("p99", palette[3], tl, func(s Sample) float64 { return s.E2EP99 }),
 			timelineSeries("max", palette[1], tl, func(s Sample) float64 { return s.E2EMax }),
-		}, true),
+		}, true, marks...),
 	}
 	has := func(get func(Sample) float64) bool {
 		for _, s := range tl {
@@ -207,7 +231,7 @@ func (r Report) charts() []template.HTML {
 	if has(func(s Sample) float64 { return float64(s.Queued) }) {
 		out = append(out, svgChart("Target queue", "messages", []series{
 			timelineSeries("queued", palette[6], tl, func(s Sample) float64 { return float64(s.Queued) }),
-		}, false))
+		}, false, marks...))
 	}
 	return out
 }

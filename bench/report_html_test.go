@@ -10,6 +10,7 @@ import (
 func TestReportHTML(t *testing.T) {
 	r := Report{Scenario: "s", Target: "hermod", RunTag: "t1", Description: "a <test> & more", Rcpts: 1,
 		MeasuredProcess: true, CPUPerMsg: 80 * time.Microsecond,
+		Released: 6 * time.Second, Load: LoadResult{Elapsed: 3 * time.Second},
 		Accounting: Accounting{Expected: 3, Delivered: 2, Lost: 1, LostSample: []string{"t1-0 u@d0001.test"}}}
 	for i := range 20 {
 		r.Timeline = append(r.Timeline, Sample{T: float64(i) / 2, AcceptRate: float64(1000 + 10*i),
@@ -23,7 +24,7 @@ func TestReportHTML(t *testing.T) {
 	s := page.String()
 	checkHTML(t, s, 5)
 	for _, want := range []string{"a &lt;test&gt; &amp; more", "1 accepted pairs never delivered", "80 µs",
-		"Throughput", "End-to-end latency", "Target CPU", "Target queue"} {
+		"Throughput", "End-to-end latency", "Target CPU", "Target queue", ">release</text>", ">end of load</text>"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("page lacks %q", want)
 		}
