@@ -127,8 +127,9 @@ type TreeUsage struct {
 	// the kernel does not have smaps_rollup). HWM is the root process's
 	// own peak resident size.
 	RSS, PSS, HWM uint64
-	// WriteBytes is the root process's write_bytes (its own storage
-	// writes; those of exited children are not included).
+	// WriteBytes is the storage writes (/proc/PID/io write_bytes) of the
+	// processes alive now, which include those of the children they have
+	// waited for.
 	WriteBytes uint64
 	// Procs is the number of processes counted.
 	Procs int
@@ -167,6 +168,9 @@ func processTree(pid int) (TreeUsage, error) {
 		pids = append(pids, k)
 		if rss, _, err := procMem(k); err == nil {
 			u.RSS += rss
+		}
+		if wb, err := procWriteBytes(k); err == nil {
+			u.WriteBytes += wb
 		}
 		kids = append(kids, childrenOf(k)...)
 	}

@@ -145,8 +145,8 @@ type Report struct {
 	TargetCPU       time.Duration `json:"target_cpu_ns"`
 	CPUPerMsg       time.Duration `json:"cpu_per_msg_ns"`
 	PeakRSS         uint64        `json:"peak_rss"`
-	// DiskWritePerMsg is bytes the target's main process sent to storage
-	// per message (/proc/PID/io write_bytes).
+	// DiskWritePerMsg is bytes the target's processes sent to storage per
+	// message (/proc/PID/io write_bytes, exited children included).
 	DiskWritePerMsg float64 `json:"disk_write_per_msg"`
 	MeasuredSpool   bool    `json:"measured_spool"`
 	Fsyncs          uint64  `json:"fsyncs"`

@@ -179,7 +179,7 @@ type Probe struct {
 	// largest known (a lone process's VmHWM, or RSS when larger).
 	RSS     uint64 `json:"rss"`
 	PeakRSS uint64 `json:"peak_rss"`
-	// WriteBytes is what the root process sent to storage.
+	// WriteBytes is what the target's processes sent to storage.
 	WriteBytes uint64 `json:"write_bytes"`
 	// Spool says Fsyncs, SpoolBytes and Queued were read from the
 	// target's metrics (Hermod's /metrics).
