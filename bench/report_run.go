@@ -113,6 +113,9 @@ func (r Report) WriteText(w io.Writer) error {
 		r.HarnessCPU.Seconds())
 	row("machine load", "%.0f%% of %d CPUs busy; other processes %.2f s CPU; %.3f disk flushes per message",
 		100*r.MachineBusy, r.Host.CPUs, r.OtherCPU.Seconds(), r.DiskFlushesPerMsg)
+	if r.BusyBefore > 0 {
+		row("", "%.0f%% busy just before the run", 100*r.BusyBefore)
+	}
 	for _, n := range r.Notes {
 		row("note", "%s", n)
 	}

@@ -43,6 +43,14 @@ type RunConfig struct {
 	// SampleInterval is the period of the timeline samples and of the
 	// progress line. Default: 500ms.
 	SampleInterval time.Duration
+	// QuietWait, when > 0, makes each run first wait (at most this long)
+	// until the machine is quiet: less than QuietBusy of all CPUs busy
+	// over a 2 s sample. Other work on a shared machine otherwise
+	// contaminates the figures. Default: 0 (do not wait).
+	QuietWait time.Duration
+	// QuietBusy is the busy share under which the machine counts as
+	// quiet. Default: 0.15.
+	QuietBusy float64
 	// Progress receives a progress line (rewritten in place on a
 	// terminal, a plain line every 5 s otherwise) and notes. Default: nil
 	// (silent).
@@ -63,6 +71,9 @@ func (c *RunConfig) EnsureDefaults() {
 	if c.SampleInterval == 0 {
 		c.SampleInterval = 500 * time.Millisecond
 	}
+	if c.QuietBusy == 0 {
+		c.QuietBusy = 0.15
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -81,6 +92,12 @@ func (c RunConfig) Validate() error {
 	}
 	if c.SampleInterval < 10*time.Millisecond {
 		errs = append(errs, errors.New("sample_interval: must be >= 10ms"))
+	}
+	if c.QuietWait < 0 {
+		errs = append(errs, errors.New("quiet_wait: must be >= 0"))
+	}
+	if c.QuietBusy <= 0 || c.QuietBusy > 1 {
+		errs = append(errs, errors.New("quiet_busy: must be in (0, 1]"))
 	}
 	return errors.Join(errs...)
 }
@@ -169,9 +186,12 @@ type Report struct {
 	// of everything that is neither target nor harness (noise from other
 	// work on a shared machine), and disk flush requests per message
 	// (whole disks, machine-wide).
-	HarnessCPU        time.Duration `json:"harness_cpu_ns"`
-	HarnessCPUPerMsg  time.Duration `json:"harness_cpu_per_msg_ns"`
-	MachineBusy       float64       `json:"machine_busy"`
+	HarnessCPU       time.Duration `json:"harness_cpu_ns"`
+	HarnessCPUPerMsg time.Duration `json:"harness_cpu_per_msg_ns"`
+	MachineBusy      float64       `json:"machine_busy"`
+	// BusyBefore is the busy share of the machine just before the run
+	// (measured when RunConfig.QuietWait > 0, else 0).
+	BusyBefore        float64       `json:"busy_before,omitempty"`
 	OtherCPU          time.Duration `json:"other_cpu_ns"`
 	DiskFlushesPerMsg float64       `json:"disk_flushes_per_msg"`
 
@@ -270,10 +290,12 @@ type rig struct {
 	caFile   string
 	prog     *progress
 	host     HostInfo
+	// quietSample is the sample of waitQuiet (2 s; shorter in tests).
+	quietSample time.Duration
 }
 
 func newRig(cfg RunConfig) (r *rig, err error) {
-	r = &rig{cfg: cfg, sc: cfg.Scenario, prog: newProgress(cfg.Progress), host: Host()}
+	r = &rig{cfg: cfg, sc: cfg.Scenario, prog: newProgress(cfg.Progress), host: Host(), quietSample: 2 * time.Second}
 	r.dir, err = os.MkdirTemp(cfg.WorkDir, "hermod-bench-rig-")
 	if err != nil {
 		return nil, err
@@ -430,6 +452,10 @@ func (r *rig) run(ctx context.Context, t Target, messages int, notes []string) (
 	if err := r.sink.SetFaults(sc.Sink.Faults); err != nil {
 		return Report{}, err
 	}
+	busyBefore := 0.0
+	if r.cfg.QuietWait > 0 {
+		busyBefore = r.waitQuiet(ctx, t.Name())
+	}
 	dir, err := os.MkdirTemp(r.cfg.WorkDir, "hermod-bench-"+t.Name()+"-")
 	if err != nil {
 		return Report{}, err
@@ -479,7 +505,7 @@ func (r *rig) run(ctx context.Context, t Target, messages int, notes []string) (
 	rep = Report{
 		Scenario: sc.Name, Description: sc.Description, Target: t.Name(), RunTag: lc.RunTag, Host: r.host,
 		Notes: notes, Sessions: lc.Sessions, Messages: lc.Messages, Rcpts: lc.Rcpts, Size: lc.Size.String(),
-		OpenLoop: lc.Rate > 0, Rate: lc.Rate,
+		OpenLoop: lc.Rate > 0, Rate: lc.Rate, BusyBefore: busyBefore,
 	}
 
 	p0 := t.Probe(ctx)
@@ -662,6 +688,37 @@ func (r *rig) run(ctx context.Context, t Target, messages int, notes []string) (
 		return rep, lerr
 	}
 	return rep, err
+}
+
+// waitQuiet waits until the machine's busy share over quietSample is under
+// QuietBusy, at most QuietWait, and returns the last share measured.
+func (r *rig) waitQuiet(ctx context.Context, name string) float64 {
+	deadline := time.Now().Add(r.cfg.QuietWait)
+	for {
+		a, err := readMachineCPU()
+		if err != nil {
+			return 0
+		}
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(r.quietSample):
+		}
+		b, err := readMachineCPU()
+		if err != nil || b.total <= a.total {
+			return 0
+		}
+		busy := float64(b.busy-a.busy) / float64(b.total-a.total)
+		if busy < r.cfg.QuietBusy {
+			return busy
+		}
+		if time.Now().After(deadline) {
+			r.prog.note(fmt.Sprintf("%s: machine still %.0f%% busy after waiting %v: running anyway", name,
+				100*busy, r.cfg.QuietWait))
+			return busy
+		}
+		r.prog.update(fmt.Sprintf("%s: waiting for a quiet machine (%.0f%% busy)", name, 100*busy))
+	}
 }
 
 // sampler records a run's timeline and drives the progress line.

@@ -384,3 +384,38 @@ func TestRunDirectTLS(t *testing.T) {
 		t.Errorf("text:\n%s", txt.String())
 	}
 }
+
+func TestWaitQuiet(t *testing.T) {
+	var prog bytes.Buffer
+	cfg := RunConfig{Scenario: testScenario(t, smallScenario), WorkDir: t.TempDir(), QuietWait: time.Nanosecond,
+		QuietBusy: 1e-12, Progress: &prog}
+	cfg.EnsureDefaults()
+	r, err := newRig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.close()
+	r.quietSample = 100 * time.Millisecond
+	// This test itself keeps a CPU busy, so the machine is never that
+	// quiet: one sample, then it gives up and says so.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+		}
+	}()
+	start := time.Now()
+	busy := r.waitQuiet(context.Background(), "x")
+	if busy <= 0 || time.Since(start) > 5*time.Second || !strings.Contains(prog.String(), "running anyway") {
+		t.Errorf("busy %v after %v, progress %q", busy, time.Since(start), prog.String())
+	}
+	r.cfg.QuietBusy, r.cfg.QuietWait = 1.01, time.Minute
+	if busy := r.waitQuiet(context.Background(), "x"); busy <= 0 || busy >= 1.01 {
+		t.Errorf("busy %v", busy)
+	}
+}

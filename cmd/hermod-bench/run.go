@@ -50,6 +50,7 @@ type runFlags struct {
 	quiet, keep          bool
 	workDir              string
 	sample               time.Duration
+	quietWait            time.Duration
 }
 
 func (f *runFlags) bind(fs *flag.FlagSet) {
@@ -62,6 +63,8 @@ func (f *runFlags) bind(fs *flag.FlagSet) {
 	fs.BoolVar(&f.keep, "keep", false, "keep the work directory (target config, spool, logs)")
 	fs.StringVar(&f.workDir, "work-dir", "", "where to make temporary directories (default: $TMPDIR)")
 	fs.DurationVar(&f.sample, "sample", 500*time.Millisecond, "timeline sample and progress interval")
+	fs.DurationVar(&f.quietWait, "wait-quiet", 0,
+		"before each run, wait up to this long for the machine to be under 15% busy (0: do not wait)")
 }
 
 // hermodTarget returns the Hermod target the flags describe.
@@ -85,7 +88,7 @@ func (f *runFlags) hermodTarget() (*bench.HermodTarget, error) {
 
 func (f *runFlags) runConfig(sc bench.Scenario, stderr io.Writer) bench.RunConfig {
 	cfg := bench.RunConfig{Scenario: sc, Messages: f.messages, WorkDir: f.workDir, KeepWorkDir: f.keep,
-		SampleInterval: f.sample}
+		SampleInterval: f.sample, QuietWait: f.quietWait}
 	if !f.quiet {
 		cfg.Progress = stderr
 	}
