@@ -912,6 +912,10 @@ func FuzzHostileData(f *testing.F) {
 	f.Add([]byte(".\r\n..\r\n.a"), uint8(2))
 	f.Add([]byte(strings.Repeat("x", 998)), uint8(7))
 	f.Add([]byte(strings.Repeat("x", 999)), uint8(7))
+	// Over-long lines dropped while streaming are still checked for NUL
+	// and CR, and counted towards the size, as when read whole.
+	f.Add([]byte("a\x00"+strings.Repeat("x", 1500)), uint8(0))
+	f.Add([]byte(strings.Repeat("x", 1500)+"\ra\r\n.."), uint8(0))
 	f.Fuzz(func(t *testing.T, content []byte, chunk uint8) {
 		in := hello + tx + "DATA\r\n" + string(content) + "\r\n.\r\nNOOP\r\n"
 		b1, b2 := &fakeBackend{}, &fakeBackend{}

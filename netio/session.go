@@ -207,6 +207,7 @@ type Session struct {
 	lastBare bool           // previous data line ended with a bare LF
 	prevCR   bool           // BDAT: previous chunk ended with CR
 	lineLen  int            // BDAT: length of the current line so far
+	bodySize int64          // content octets so far, stored or not
 	bdatLeft int64
 	bdatLast bool
 
@@ -384,6 +385,7 @@ func (s *Session) resetTxn() {
 	s.lastBare = false
 	s.prevCR = false
 	s.lineLen = 0
+	s.bodySize = 0
 	s.bdatLeft = 0
 	s.bdatLast = false
 	s.DataBytes = 0
@@ -702,6 +704,7 @@ func (s *Session) data(arg []byte, out []byte) ([]byte, Action) {
 	}
 	s.phase = PhaseData
 	s.body = make([]byte, 0, bodyCap(s.env.Size))
+	s.bodySize = 0
 	s.DataBytes = 0
 	return replyData.AppendReply(out), ActNone
 }
@@ -729,15 +732,26 @@ func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
 		if i < 0 {
 			rest := len(p) - consumed
 			if s.midLine || rest >= maxTextLine {
-				// An over-long line: note it and drop what we have.
-				s.noteDataErr(errDataLineLong)
-				s.midLine = true
-				s.DataBytes += int64(rest)
-				// Keep a trailing CR: it may pair with the next LF.
-				if p[len(p)-1] == '\r' {
-					return len(p) - 1, false, false
+				// An over-long line: note it and drop what we have,
+				// checked and counted as if it were kept, so that the
+				// reply does not depend on how the line was split.
+				drop := p[consumed:]
+				if drop[len(drop)-1] == '\r' {
+					drop = drop[:len(drop)-1] // it may pair with the next LF
 				}
-				return len(p), false, false
+				if len(drop) == 0 {
+					return consumed, false, false
+				}
+				s.noteDataErr(errDataLineLong)
+				s.checkText(drop)
+				size := len(drop)
+				if !s.midLine && drop[0] == '.' {
+					size-- // dot-unstuffing
+				}
+				s.midLine = true
+				s.countBody(size)
+				s.DataBytes += int64(len(drop))
+				return consumed + len(drop), false, false
 			}
 			return consumed, false, false
 		}
@@ -750,6 +764,10 @@ func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
 			if bare || bytes.IndexByte(line[:len(line)-1], '\r') != len(line)-2 {
 				s.noteDataErr(errBareLFData)
 			}
+			if bytes.IndexByte(line, 0) >= 0 {
+				s.noteDataErr(errNULData)
+			}
+			s.countBody(len(line))
 			s.lastBare = bare
 			continue
 		}
@@ -787,27 +805,59 @@ func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
 	return consumed, false, false
 }
 
+// noteDataErr records a problem with the content being received. The most
+// important one is kept, whatever the order they were found in, so that
+// the reply does not depend on how the input was split into reads.
 func (s *Session) noteDataErr(e *smtperr.Error) {
-	if s.dataErr == nil {
+	if dataErrRank(e) > dataErrRank(s.dataErr) {
 		s.dataErr = e
-	}
-	if e == errBareLFData || e == errNULData || e == errTooBig {
-		// Keep the most important reason: smuggling and size trump
-		// line length.
-		if s.dataErr == errDataLineLong {
-			s.dataErr = e
-		}
 	}
 }
 
-func (s *Session) appendBody(b []byte) {
-	if s.dataErr == errTooBig {
-		return
+// rankState is the rank of transaction state errors (BDAT without MAIL or
+// RCPT): the content of such a chunk is not examined at all.
+const rankState = 5
+
+func dataErrRank(e *smtperr.Error) int {
+	switch e {
+	case nil:
+		return 0
+	case errDataLineLong:
+		return 1
+	case errTooBig:
+		return 2
+	case errNULData:
+		return 3
+	case errBareLFData:
+		return 4
 	}
-	if int64(len(s.body)+len(b)) > s.cfg.MaxMessageSize {
-		s.dataErr = errTooBig
+	return rankState
+}
+
+// checkText notes a CR or NUL in content known to hold no line ending.
+func (s *Session) checkText(b []byte) {
+	if bytes.IndexByte(b, '\r') >= 0 {
+		s.noteDataErr(errBareLFData)
+	}
+	if bytes.IndexByte(b, 0) >= 0 {
+		s.noteDataErr(errNULData)
+	}
+}
+
+// countBody counts n content octets towards MaxMessageSize.
+func (s *Session) countBody(n int) {
+	s.bodySize += int64(n)
+	if s.bodySize > s.cfg.MaxMessageSize {
+		s.noteDataErr(errTooBig)
 		s.body = nil
-		return
+	}
+}
+
+// appendBody counts b and keeps it, unless the message is already refused.
+func (s *Session) appendBody(b []byte) {
+	s.countBody(len(b))
+	if s.dataErr != nil {
+		return // refused anyway: keep nothing more
 	}
 	s.body = append(s.body, b...)
 }
@@ -852,6 +902,7 @@ func (s *Session) bdat(arg []byte, out []byte) ([]byte, Action) {
 	case !s.env.Chunked:
 		s.env.Chunked = true
 		s.body = make([]byte, 0, bodyCap(max(s.env.Size, sz)))
+		s.bodySize = 0
 	}
 	if sz == 0 {
 		return s.endBDAT(out)
@@ -890,12 +941,11 @@ func (s *Session) readBDAT(p []byte) int {
 	}
 	s.bdatLeft -= int64(len(p))
 	s.DataBytes += int64(len(p))
-	if s.dataErr != nil {
+	if dataErrRank(s.dataErr) >= rankState {
 		return len(p)
 	}
 	if bytes.IndexByte(p, 0) >= 0 {
 		s.noteDataErr(errNULData) // no BINARYMIME: as in DATA
-		return len(p)
 	}
 	// Every LF must follow a CR, every CR must precede an LF.
 	i := 0
