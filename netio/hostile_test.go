@@ -988,3 +988,40 @@ func FuzzHostileBDAT(f *testing.F) {
 		checkBody(t, b1.msgs[0].body)
 	})
 }
+
+// TestHostileFloodWhilePending: a client that keeps sending while its
+// message is being committed (instead of waiting for the reply, RFC 2920
+// §3.1) is cut off once a bounded amount is buffered; its input does not
+// pile up in the server's memory for as long as the commit lasts.
+func TestHostileFloodWhilePending(t *testing.T) {
+	b := &asyncBackend{delay: 4 * time.Second}
+	srv, addr := startServer(t, ServerConfig{}, b, nil)
+	d := dial(t, addr)
+	d.expect("220")
+	d.send("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+	d.expect("250")
+	d.expect("250")
+	d.expect("250")
+	d.expect("354")
+	d.send("x\r\n.\r\n")
+	junk := bytes.Repeat([]byte("NOOP\r\n"), 64<<10/6)
+	_ = d.c.SetWriteDeadline(time.Now().Add(3 * time.Second))
+	sent := 0
+	for sent < 256<<20 {
+		n, err := d.c.Write(junk)
+		sent += n
+		if err != nil {
+			break
+		}
+	}
+	if sent > 64<<20 {
+		t.Fatalf("server buffered %d MiB sent during a pending commit", sent>>20)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for srv.Metrics().SessionOutcomes["backlog"] < 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if m := srv.Metrics(); m.SessionOutcomes["backlog"] != 1 {
+		t.Fatalf("outcomes %+v after %d KiB", m.SessionOutcomes, sent>>10)
+	}
+}

@@ -197,11 +197,18 @@ var (
 	errTimeout        = smtperr.New(421, "4.4.2", "Error: timeout exceeded, closing connection")
 	errSlowData       = smtperr.New(421, "4.4.2", "Error: data rate too low, closing connection")
 	errOutputBacklog  = smtperr.New(421, "4.7.0", "Error: client does not read replies, closing connection")
+	errInputBacklog   = smtperr.New(421, "4.7.0", "Error: too much input while a reply is pending, closing connection")
 )
 
 // maxOutbound is the reply backlog after which a client that pipelines
 // commands without reading the replies is disconnected.
 const maxOutbound = 1 << 20
+
+// maxPendingInbound is the input a client may send while a commit is
+// pending. gnet keeps reading the socket meanwhile, so without a bound a
+// client that does not wait for the reply to its end of data (RFC 2920
+// §3.1 says it must) would pile up memory for as long as the commit lasts.
+const maxPendingInbound = 1 << 20
 
 // conn is the per-connection state. Fields without atomics belong to the
 // goroutine driving the session (the event loop, or the TLS goroutine
@@ -364,7 +371,13 @@ func (h *handler) OnTraffic(gc gnet.Conn) gnet.Action {
 		case r := <-c.result:
 			out, act = c.sess.Resume(r, out)
 		default:
-			return gnet.None // input stays buffered until the commit is done
+			// Input stays buffered until the commit is done, up to a bound.
+			if gc.InboundBuffered() > maxPendingInbound {
+				_, _ = gc.Write(errInputBacklog.AppendReply(nil))
+				c.outcome = "backlog"
+				return gnet.Close
+			}
+			return gnet.None
 		}
 	}
 	if act == ActNone {
