@@ -264,6 +264,9 @@ func appendReceived(b []byte, env *netio.Envelope, host, id string, now time.Tim
 	b = append(b, "Received: from "...)
 	b = append(b, c.Helo...)
 	b = append(b, " (["...)
+	if ip := c.Remote.Addr(); ip.Is6() && !ip.Is4In6() {
+		b = append(b, "IPv6:"...) // RFC 5321 §4.1.3 address literal
+	}
 	b = append(b, c.Remote.Addr().String()...)
 	b = append(b, "])\r\n\tby "...)
 	b = append(b, host...)

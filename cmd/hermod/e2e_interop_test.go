@@ -843,3 +843,44 @@ scan_interval = "200ms"
 		}
 	}
 }
+
+// TestE2EReceivedIPv6: over IPv6 the Received: header carries the client
+// address as an RFC 5321 §4.1.3 address literal, [IPv6:...], which trace
+// parsers expect.
+func TestE2EReceivedIPv6(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	l6, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	addr6 := l6.Addr().String()
+	l6.Close()
+	dir := t.TempDir()
+	d := writeConfig(t, dir, "", "")
+	cfg, _ := os.ReadFile(d.cfg)
+	cfg = bytes.Replace(cfg, []byte(fmt.Sprintf("listen = [%q]", d.smtp)), []byte(fmt.Sprintf("listen = [%q, %q]", d.smtp, addr6)), 1)
+	os.WriteFile(d.cfg, cfg, 0o600)
+	d.start()
+	for _, a := range []string{addr6, d.smtp} {
+		s := dialRaw(t, a)
+		for _, c := range []string{"EHLO v6.client.test", "MAIL FROM:<a@x.test>", "RCPT TO:<b@y.test>", "DATA", "Subject: v6\r\n\r\nhi\r\n.", "QUIT"} {
+			if r := s.cmd(c); r[0] != '2' && r[0] != '3' {
+				t.Fatalf("%s %q: %q", a, c, r)
+			}
+		}
+	}
+	d.kill(syscall.SIGTERM)
+	var got []string
+	for _, m := range readSpool(t, dir) {
+		got = append(got, string(m.body[:bytes.Index(m.body, []byte("\r\n"))]))
+	}
+	want := map[string]bool{"Received: from v6.client.test ([IPv6:::1])": true, "Received: from v6.client.test ([127.0.0.1])": true}
+	for _, g := range got {
+		delete(want, g)
+	}
+	if len(got) != 2 || len(want) != 0 {
+		t.Fatalf("Received lines %q", got)
+	}
+}
