@@ -24,6 +24,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -883,4 +884,165 @@ func TestE2EReceivedIPv6(t *testing.T) {
 	if len(got) != 2 || len(want) != 0 {
 		t.Fatalf("Received lines %q", got)
 	}
+}
+
+// TestE2EHermodToHermod relays through one daemon to another: the first
+// delivers with its own client (PIPELINING, CHUNKING: several MAIL/RCPT/
+// "BDAT n LAST" transactions per write) and the second must take every
+// message exactly as the first queued it.
+func TestE2EHermodToHermod(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	dirB := t.TempDir()
+	b := writeConfig(t, dirB, "", "")
+	b.start()
+	// A relay between the daemons that records what the first one sends.
+	pl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pl.Close() })
+	var wireMu sync.Mutex
+	var sentToB bytes.Buffer
+	go func() {
+		for {
+			cc, err := pl.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer cc.Close()
+				up, err := net.DialTimeout("tcp", b.smtp, 5*time.Second)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go io.Copy(cc, up)
+				buf := make([]byte, 32<<10)
+				for {
+					k, err := cc.Read(buf)
+					if k > 0 {
+						wireMu.Lock()
+						sentToB.Write(buf[:k])
+						wireMu.Unlock()
+						if _, werr := up.Write(buf[:k]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	_, bPort, _ := net.SplitHostPort(pl.Addr().String())
+	mx := []bench.MX{{Host: "mx.b.test", Pref: 10, Addrs: []string{"127.0.0.1"}}}
+	dns, err := bench.NewDNS(bench.DNSConfig{Listen: "127.0.0.1:0", Domains: 1, MX: []string{"127.0.0.1"}, Extra: []string{}, TTL: 60,
+		Zones: []bench.Zone{{Name: "b.test", MX: mx}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dns.Close() })
+	dirA := t.TempDir()
+	a := writeConfig(t, dirA, "", fmt.Sprintf(`[dns]
+resolvers = [%q]
+[delivery]
+port = %s
+tls = "disabled"
+retry = ["1s"]
+idle_timeout = "2s"
+scan_interval = "200ms"
+`, dns.Addr(), bPort))
+	a.start()
+
+	const n = 60
+	bodies := make(map[string]string, n)
+	var wire strings.Builder
+	wire.WriteString("EHLO injector.test\r\n")
+	for i := 0; i < n; i++ {
+		subj := fmt.Sprintf("n%03d", i)
+		var body string
+		switch i % 6 {
+		case 0:
+			body = "Subject: " + subj + "\r\n\r\nplain\r\n"
+		case 1:
+			body = "Subject: " + subj + "\r\n\r\n.\r\n..\r\n.dot\r\n...\r\n"
+		case 2:
+			body = "Subject: " + subj + "\r\n\r\n" + strings.Repeat("w", 998) + "\r\n" + strings.Repeat("v", 997) + "\r\n"
+		case 3:
+			body = "Subject: " + subj + "\r\n\r\n\xe9\xe8\xff8bit\r\n"
+		case 4:
+			body = "Subject: " + subj + "\r\n\r\nGrüße, 世界\r\n"
+		case 5:
+			body = "Subject: " + subj + "\r\n\r\n" + strings.Repeat("line\r\n", 2000)
+		}
+		bodies[subj] = body
+		params := ""
+		switch i % 6 {
+		case 3:
+			params = " BODY=8BITMIME"
+		case 4:
+			params = " SMTPUTF8 BODY=8BITMIME"
+		}
+		fmt.Fprintf(&wire, "MAIL FROM:<s%d@a.test>%s\r\nRCPT TO:<r%d@b.test>\r\nRCPT TO:<q%d@b.test>\r\nDATA\r\n", i, params, i, i)
+		// DATA content is dot-stuffed on the wire.
+		for _, l := range strings.SplitAfter(body, "\r\n") {
+			if strings.HasPrefix(l, ".") {
+				wire.WriteString(".")
+			}
+			wire.WriteString(l)
+		}
+		wire.WriteString(".\r\n")
+	}
+	wire.WriteString("QUIT\r\n")
+	c, err := net.DialTimeout("tcp", a.smtp, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	go c.Write([]byte(wire.String()))
+	replies, _ := io.ReadAll(c)
+	c.Close()
+	if got := len(queuedRE.FindAll(replies, -1)); got != n {
+		t.Fatalf("%d of %d messages accepted by the first daemon: %.2000s", got, n, replies)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for b.metric("hermod_smtp_messages_received_total") < n && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := b.metric("hermod_smtp_messages_received_total"); got != n {
+		_, q := a.get("/api/queue")
+		t.Fatalf("second daemon received %v of %d\nfirst's queue: %.3000s\nlog: %.3000s", got, n, q, a.log.String())
+	}
+	a.kill(syscall.SIGTERM)
+	b.kill(syscall.SIGTERM)
+	seen := 0
+	for _, m := range readSpool(t, dirB) {
+		checkQueuedBody(t, m.msg.ID.String(), m.body)
+		i := bytes.Index(m.body, []byte("Subject: n"))
+		if i < 0 {
+			t.Errorf("unexpected message %q", m.body)
+			continue
+		}
+		subj := string(m.body[i+9 : i+13])
+		if !bytes.HasSuffix(m.body, []byte(bodies[subj])) || bytes.Count(m.body, []byte("Received: from ")) != 2 {
+			t.Errorf("%s changed between the daemons:\n%q", subj, m.body)
+		}
+		if len(m.msg.Rcpts) != 2 {
+			t.Errorf("%s: %d recipients", subj, len(m.msg.Rcpts))
+		}
+		seen++
+	}
+	if seen != n {
+		t.Fatalf("%d messages in the second spool, want %d", seen, n)
+	}
+	wireMu.Lock()
+	defer wireMu.Unlock()
+	if bytes.Count(sentToB.Bytes(), []byte("\r\nBDAT ")) == 0 {
+		t.Errorf("the first daemon did not use CHUNKING towards the second (%d octets sent)", sentToB.Len())
+	}
+	t.Logf("between the daemons: %d BDAT, %d DATA, %d RSET", bytes.Count(sentToB.Bytes(), []byte("\r\nBDAT ")),
+		bytes.Count(sentToB.Bytes(), []byte("\r\nDATA\r\n")), bytes.Count(sentToB.Bytes(), []byte("\r\nRSET\r\n")))
 }
