@@ -1025,3 +1025,38 @@ func TestHostileFloodWhilePending(t *testing.T) {
 		t.Fatalf("outcomes %+v after %d KiB", m.SessionOutcomes, sent>>10)
 	}
 }
+
+// TestHostileSlowData: message data trickling in below min_data_rate is cut
+// off with 421 4.4.2 once the grace period is over — in DATA and BDAT, on
+// the event loop and over TLS.
+func TestHostileSlowData(t *testing.T) {
+	cfg := ServerConfig{DataRateGrace: time.Second, MinDataRate: 1000, DataTimeout: 20 * time.Second, CommandTimeout: 20 * time.Second}
+	_, addr := startServer(t, cfg, &asyncBackend{}, selfSigned(t))
+	begin := map[string]string{
+		"data": "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n",
+		"bdat": "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 100000 LAST\r\n",
+	}
+	for _, useTLS := range []bool{false, true} {
+		for _, verb := range []string{"data", "bdat"} {
+			t.Run(fmt.Sprintf("%s/tls=%v", verb, useTLS), func(t *testing.T) {
+				t.Parallel()
+				var d *dialog
+				if useTLS {
+					d = startTLSDialog(t, addr)
+				} else {
+					d = dial(t, addr)
+					d.expect("220")
+					d.send("EHLO c\r\n")
+					d.expect("250")
+				}
+				d.send(begin[verb])
+				d.expect("250")
+				d.expect("250")
+				if verb == "data" {
+					d.expect("354")
+				}
+				expectTimeoutWhileDribbling(t, d.c, d.r, "slow data\r\n", 8*time.Second)
+			})
+		}
+	}
+}
