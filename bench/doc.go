@@ -18,6 +18,12 @@
 //   - Ledger and SinkClient: loss and duplicate accounting between what a
 //     target accepted and what the sink received.
 //   - Scenario: named runs, built in under bench/scenarios.
+//   - Run and Compare: a scenario against a Target — HermodTarget (the
+//     hermod binary on a generated configuration), PostfixTarget (the
+//     system's Postfix as a loopback relay), ExternalTarget (an MTA already
+//     running) or DirectTarget (the load straight into the sink: the
+//     harness's ceiling) — reported as text, JSON (Report, Comparison) and
+//     a self-contained HTML page with charts.
 //
 // # Invariants
 //
@@ -46,9 +52,19 @@
 // NewDNS) and holds nothing. A broken client connection ends that
 // connection only. A target that refuses, hangs or closes costs the
 // load's session a reconnect (with a growing pause, at most 1 s) and the
-// message under way is counted as failed, or tempfailed on a 421. Nothing
-// in this package writes to disk except the fault and scenario files it is
-// asked to read.
+// message under way is counted as failed, or tempfailed on a 421. A
+// target that does not start is an error of Run, and whatever it started
+// is stopped; a target that dies during the run makes the run an error
+// after its report is made. Lost or corrupted mail is not an error of Run:
+// it is in the report (Report.Problems). When the context ends, Run stops
+// the load and the target and returns what it measured with the context's
+// error.
+//
+// On disk: the sink, the DNS and the load write nothing. A run makes a
+// temporary directory per target run (configuration, spool, logs, TLS
+// certificates), removed afterwards unless kept; PostfixTarget rewrites
+// the system's Postfix configuration (main.cf, master.cf and its own
+// files under /etc/postfix) and purges Postfix's queue.
 //
 // # Measured ceiling
 //

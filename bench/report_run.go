@@ -3,7 +3,6 @@ package bench
 import (
 	"fmt"
 	"io"
-	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -123,14 +122,4 @@ func (r Report) WriteText(w io.Writer) error {
 		row("PROBLEM", "%s", p)
 	}
 	return tw.Flush()
-}
-
-// reportSummary is a one-line summary.
-func (r Report) summary() string {
-	return strings.Join([]string{
-		r.Target,
-		fmt.Sprintf("inject %.0f msg/s", r.InjectionRate),
-		fmt.Sprintf("deliver %.0f %s", r.DeliveryRate, r.rateUnit()),
-		"e2e p99 " + fmtDur(r.E2E.P99),
-	}, ", ")
 }
