@@ -633,6 +633,13 @@ func TestHostileSTARTTLS(t *testing.T) {
 	if m := srv.Metrics(); m.TLSFailures < 4 {
 		t.Errorf("TLS failures not counted: %+v", m)
 	}
+	// Every connection handed to TLS gave its slot back, however it ended.
+	for srv.Metrics().Active != 0 && time.Now().Before(deadline.Add(5*time.Second)) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if m := srv.Metrics(); m.Active != 0 {
+		t.Errorf("%d connection slot(s) leaked after STARTTLS attacks: %+v", m.Active, m)
+	}
 }
 
 // TestHostileSTARTTLSNotOffered: without a certificate STARTTLS is neither
