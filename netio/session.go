@@ -676,8 +676,8 @@ func (s *Session) rcpt(arg []byte) *smtperr.Error {
 		return errAddrLiteral
 	}
 	for _, r := range s.env.Rcpts {
-		if r == addr {
-			return smtperr.New(250, "2.1.5", "Ok (duplicate recipient)")
+		if sameMailbox(r, addr) {
+			return replyDupRcpt
 		}
 	}
 	if r := s.b.Rcpt(s.env, addr); r != nil {
@@ -687,7 +687,20 @@ func (s *Session) rcpt(arg []byte) *smtperr.Error {
 	return replyRcptOK
 }
 
-var replyRcptOK = smtperr.New(250, "2.1.5", "Ok")
+var (
+	replyRcptOK  = smtperr.New(250, "2.1.5", "Ok")
+	replyDupRcpt = smtperr.New(250, "2.1.5", "Ok (duplicate recipient)")
+)
+
+// sameMailbox compares two mailboxes: the local part exactly (it may be
+// case-sensitive, RFC 5321 §2.4), the domain without regard to case.
+func sameMailbox(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	i, j := strings.LastIndexByte(a, '@'), strings.LastIndexByte(b, '@')
+	return i == j && a[:i] == b[:j] && strings.EqualFold(a[i:], b[j:])
+}
 
 func (s *Session) data(arg []byte, out []byte) ([]byte, Action) {
 	switch {

@@ -208,6 +208,7 @@ func TestSessionReplies(t *testing.T) {
 		{"rset clears transaction", hello + tx + "RSET\r\nRCPT TO:<b@y.test>\r\n", "250 250 250 250 503", ActNone, 0},
 		{"ehlo clears transaction", hello + tx + hello + "DATA\r\n", "250 250 250 250 503", ActNone, 0},
 		{"duplicate rcpt", hello + tx + "RCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\n", "250 250 250 250 354 250", ActNone, 1},
+		{"duplicate rcpt domain case", hello + tx + "RCPT TO:<b@Y.TEST>\r\nRCPT TO:<B@y.test>\r\nDATA\r\nx\r\n.\r\n", "250 250 250 250 250 354 250", ActNone, 1},
 	}
 	for _, c := range cases {
 		for _, chunk := range []int{0, 1, 7} {
@@ -282,6 +283,14 @@ func TestSessionEnvelope(t *testing.T) {
 	}
 	if e.Conn.Helo != "client.test" || !e.Conn.ESMTP {
 		t.Fatalf("conn info %+v", e.Conn)
+	}
+}
+
+func TestSessionDuplicateRecipients(t *testing.T) {
+	b := &fakeBackend{}
+	runSession(t, testConfig(), b, hello+tx+"RCPT TO:<b@Y.TEST>\r\nRCPT TO:<B@y.test>\r\nDATA\r\nx\r\n.\r\n", 0)
+	if len(b.msgs) != 1 || strings.Join(b.msgs[0].env.Rcpts, ",") != "b@y.test,B@y.test" {
+		t.Fatalf("recipients %+v: the domain's case must not make a duplicate, the local part's must", b.msgs)
 	}
 }
 
