@@ -294,15 +294,15 @@ type rig struct {
 	quietSample time.Duration
 }
 
-func newRig(cfg RunConfig) (r *rig, err error) {
-	r = &rig{cfg: cfg, sc: cfg.Scenario, prog: newProgress(cfg.Progress), host: Host(), quietSample: 2 * time.Second}
+func newRig(cfg RunConfig) (_ *rig, err error) {
+	r := &rig{cfg: cfg, sc: cfg.Scenario, prog: newProgress(cfg.Progress), host: Host(), quietSample: 2 * time.Second}
 	r.dir, err = os.MkdirTemp(cfg.WorkDir, "hermod-bench-rig-")
 	if err != nil {
 		return nil, err
 	}
 	defer func() {
 		if err != nil {
-			r.close()
+			r.close() // what was started before the failure
 		}
 	}()
 	dcfg := r.sc.DNS

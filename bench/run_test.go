@@ -280,6 +280,20 @@ func TestRunTargetFails(t *testing.T) {
 	if _, err := Run(ctx, RunConfig{}); err == nil {
 		t.Error("Run without a scenario: no error")
 	}
+	// The sink cannot listen where the scenario says: an error, and what
+	// was started (the DNS) is closed again.
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	sc2 := sc
+	sc2.DNS.Listen = "127.0.0.1:0"
+	sc2.Sink.Listen = []string{busy.Addr().String()}
+	if _, err := Run(ctx, RunConfig{Scenario: sc2, KeepPorts: true, WorkDir: t.TempDir(), Target: DirectTarget{}}); err == nil ||
+		!strings.Contains(err.Error(), "sink listen") {
+		t.Errorf("err = %v", err)
+	}
 }
 
 func TestRunCanceled(t *testing.T) {
