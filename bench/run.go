@@ -605,12 +605,12 @@ func (r *rig) run(ctx context.Context, t Target, messages int, notes []string) (
 		}
 	}
 	stopRelease()
+	stopSampler() // its last sample is now; then Probe is ours alone
 	end := time.Now()
 	p1 := t.Probe(context.WithoutCancel(ctx))
 	self1, _ := readProcStat(0)
 	m1, _ := readMachineCPU()
 	f1 := diskFlushes()
-	stopSampler()
 	stop()
 
 	acct = check()
