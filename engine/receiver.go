@@ -25,6 +25,10 @@ type RelayConfig struct {
 	// RelayDomains are the recipient domains accepted from any client.
 	// Default: [] (none).
 	RelayDomains []string `toml:"relay_domains"`
+	// Postmaster is where mail to <postmaster> (no domain, which RFC 5321
+	// §4.5.1 requires every SMTP server to accept, from any client) is
+	// delivered. Default: "" (such mail is refused with 550 5.1.1).
+	Postmaster string `toml:"postmaster"`
 	// MaxHops is the number of Received: headers beyond which a message is
 	// refused as looping (RFC 5321 §6.3). Default: 100.
 	MaxHops int `toml:"max_hops"`
@@ -56,6 +60,9 @@ func (c RelayConfig) Validate() error {
 			errs = append(errs, fmt.Errorf("smtp.relay_domains: %q is not a domain", d))
 		}
 	}
+	if c.Postmaster != "" && (!strings.Contains(c.Postmaster, "@") || strings.ContainsAny(c.Postmaster, " <>\r\n")) {
+		errs = append(errs, fmt.Errorf("smtp.postmaster: %q is not a mailbox (local@domain)", c.Postmaster))
+	}
 	if c.MaxHops < 1 {
 		errs = append(errs, fmt.Errorf("smtp.max_hops: must be at least 1, got %d", c.MaxHops))
 	}
@@ -64,9 +71,10 @@ func (c RelayConfig) Validate() error {
 
 // relayPolicy is the compiled RelayConfig.
 type relayPolicy struct {
-	nets    []netip.Prefix
-	domains map[string]bool
-	maxHops int
+	nets       []netip.Prefix
+	domains    map[string]bool
+	maxHops    int
+	postmaster string
 }
 
 func compileRelay(c RelayConfig) (*relayPolicy, error) {
@@ -74,7 +82,7 @@ func compileRelay(c RelayConfig) (*relayPolicy, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	p := &relayPolicy{domains: make(map[string]bool), maxHops: c.MaxHops}
+	p := &relayPolicy{domains: make(map[string]bool), maxHops: c.MaxHops, postmaster: c.Postmaster}
 	for _, n := range c.RelayNetworks {
 		pr := netip.MustParsePrefix(n)
 		p.nets = append(p.nets, pr.Masked())
@@ -160,9 +168,10 @@ func (r *Receiver) SetPolicy(cfg RelayConfig) error {
 }
 
 var (
-	errRelayDenied = smtperr.New(554, "5.7.1", "Error: relay access denied")
-	errLoop        = smtperr.New(554, "5.4.6", "Error: too many hops (mail loop?)")
-	errCommit      = smtperr.New(451, "4.3.0", "Error: queue file write error, try again later")
+	errRelayDenied  = smtperr.New(554, "5.7.1", "Error: relay access denied")
+	errNoPostmaster = smtperr.New(550, "5.1.1", "Error: this server has no local mailboxes (smtp.postmaster is not set)")
+	errLoop         = smtperr.New(554, "5.4.6", "Error: too many hops (mail loop?)")
+	errCommit       = smtperr.New(451, "4.3.0", "Error: queue file write error, try again later")
 )
 
 // Connect implements netio.Backend. Connection limits are enforced by the
@@ -180,6 +189,12 @@ func (r *Receiver) Mail(*netio.Envelope) *smtperr.Error { return nil }
 // further (RFC 2505 §2.2; Postfix's allow_untrusted_routing = no).
 func (r *Receiver) Rcpt(env *netio.Envelope, rcpt string) *smtperr.Error {
 	p := r.policy.Load()
+	if !strings.Contains(rcpt, "@") { // <postmaster>, the only local name
+		if p.postmaster == "" {
+			return errNoPostmaster
+		}
+		return nil
+	}
 	if p.trusted(env.Conn.Remote.Addr()) {
 		return nil
 	}
@@ -216,7 +231,11 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 		Helo:     env.Conn.Helo,
 		Rcpts:    make([]spool.Recipient, len(env.Rcpts)),
 	}
+	postmaster := r.policy.Load().postmaster
 	for i, a := range env.Rcpts {
+		if !strings.Contains(a, "@") {
+			a = postmaster // <postmaster>, accepted by Rcpt only when set
+		}
 		msg.Rcpts[i] = spool.Recipient{Index: uint16(i), Addr: a, Domain: netio.Domain(a), NextAttempt: start}
 	}
 	full := make([]byte, 0, len(body)+320)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hermod-mta/hermod/internal/smtperr"
 	"github.com/hermod-mta/hermod/netio"
 	"github.com/hermod-mta/hermod/spool"
 )
@@ -177,5 +178,44 @@ func TestReceiverEndToEnd(t *testing.T) {
 	}
 	if got := r.Metrics(); got.Messages != 1 || got.Rejected != 1 {
 		t.Fatalf("metrics %+v", got)
+	}
+}
+
+// TestPostmaster: <postmaster> (RFC 5321 §4.5.1) is taken from any client
+// when smtp.postmaster is set, and delivered there.
+func TestPostmaster(t *testing.T) {
+	st := openStore(t)
+	outside := &netio.ConnInfo{Remote: netip.MustParseAddrPort("192.0.2.9:1000"), Helo: "c.test"}
+	r, err := NewReceiver(RelayConfig{}, ReceiverOptions{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.Rcpt(&netio.Envelope{Conn: outside}, "postmaster"); got == nil || got.Code != 550 {
+		t.Fatalf("postmaster without smtp.postmaster: %v, want 550", got)
+	}
+	if err := r.SetPolicy(RelayConfig{Postmaster: "ops@example.test"}); err != nil {
+		t.Fatal(err)
+	}
+	env := &netio.Envelope{Conn: outside, From: "a@x.test"}
+	if got := r.Rcpt(env, "postmaster"); got != nil {
+		t.Fatalf("postmaster refused: %v", got)
+	}
+	env.Rcpts = []string{"postmaster"}
+	done := make(chan *smtperr.Error, 1)
+	r.Data(env, []byte("Subject: hi\r\n\r\nhello\r\n"), func(e *smtperr.Error) { done <- e })
+	reply := <-done
+	id, err := spool.ParseID(strings.TrimPrefix(reply.Message, "Ok: queued as "))
+	if err != nil {
+		t.Fatalf("reply %v: %v", reply, err)
+	}
+	m, err := st.Load(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Rcpts[0].Addr != "ops@example.test" || m.Rcpts[0].Domain != "example.test" {
+		t.Fatalf("postmaster mail queued for %+v", m.Rcpts[0])
+	}
+	if err := (RelayConfig{Postmaster: "nobody"}).Validate(); err == nil || !strings.Contains(err.Error(), "smtp.postmaster") {
+		t.Fatalf("bad postmaster accepted: %v", err)
 	}
 }

@@ -761,7 +761,9 @@ func TestHostileOutputBacklog(t *testing.T) {
 	}
 	defer c.Close()
 	c.(*net.TCPConn).SetReadBuffer(4096)
-	flood := bytes.Repeat([]byte("NOOP\r\n"), 64<<10/6)
+	// EHLO, not NOOP: past 100 NOOPs the junk-command limit would end the
+	// session first (see TestSessionJunkCommands).
+	flood := bytes.Repeat([]byte("EHLO client.test\r\n"), 64<<10/18)
 	_ = c.SetWriteDeadline(time.Now().Add(30 * time.Second))
 	sent := 0
 	for sent < 256<<20 {

@@ -171,7 +171,6 @@ var (
 	errTLSActive      = smtperr.New(503, "5.5.1", "Error: TLS already active")
 	errTLSInMail      = smtperr.New(503, "5.5.1", "Error: MAIL transaction in progress")
 	errTLSPipelined   = smtperr.New(554, "5.5.1", "Error: data pipelined after STARTTLS; closing connection")
-	errNoLocalPost    = smtperr.New(550, "5.1.1", "Error: this server has no local mailboxes")
 	errAddrLiteral    = smtperr.New(553, "5.1.3", "Error: address literals are not accepted as recipient domains")
 )
 
@@ -194,6 +193,7 @@ type Session struct {
 	phase    Phase
 	quit     bool
 	errors   int
+	junkCmds int    // commands that moved no mail (see junk)
 	discard  bool   // discarding an over-long command line up to its LF
 	progress uint64 // complete command lines and content octets consumed
 
@@ -458,9 +458,9 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 			return s.fail(out, errNoArgs)
 		}
 		s.resetTxn()
-		return replyOK.AppendReply(out), ActNone
+		return s.junk(replyOK.AppendReply(out))
 	case eqVerb(verb, "NOOP"):
-		return replyOK.AppendReply(out), ActNone
+		return s.junk(replyOK.AppendReply(out))
 	case eqVerb(verb, "QUIT"):
 		s.quit = true
 		s.resetTxn()
@@ -470,9 +470,9 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 		if len(bytes.TrimSpace(arg)) == 0 {
 			return s.fail(out, smtperr.New(501, "5.5.4", "Syntax: VRFY address"))
 		}
-		return replyVrfy.AppendReply(out), ActNone
+		return s.junk(replyVrfy.AppendReply(out))
 	case eqVerb(verb, "HELP"):
-		return replyHelp.AppendReply(out), ActNone
+		return s.junk(replyHelp.AppendReply(out))
 	case eqVerb(verb, "STARTTLS"):
 		switch {
 		case len(bytes.TrimSpace(arg)) > 0:
@@ -490,6 +490,27 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 		return s.fail(out, errNotImpl)
 	}
 	return s.fail(out, errUnknownCommand)
+}
+
+// maxJunk is the number of commands that move no mail (NOOP, RSET, VRFY,
+// HELP) a session may send before each further one counts as an error, so
+// that a client cannot hold a connection open forever with them (Postfix's
+// smtpd_junk_command_limit).
+const maxJunk = 100
+
+// junk counts a command that moves no mail; past maxJunk it counts as an
+// error too, and past MaxErrors the session ends with 421.
+func (s *Session) junk(out []byte) ([]byte, Action) {
+	s.junkCmds++
+	if s.junkCmds <= maxJunk {
+		return out, ActNone
+	}
+	s.errors++
+	if s.errors >= s.cfg.MaxErrors {
+		s.phase = PhaseClosed
+		return errTooManyErrors.AppendReply(out), ActClose
+	}
+	return out, ActNone
 }
 
 func eqVerb(verb []byte, want string) bool {
@@ -670,8 +691,6 @@ func (s *Session) rcpt(arg []byte) *smtperr.Error {
 		if !s.env.SMTPUTF8 {
 			return errNeedUTF8
 		}
-	case mbPostmaster:
-		return errNoLocalPost
 	case mbLiteral:
 		return errAddrLiteral
 	}
@@ -699,6 +718,9 @@ func sameMailbox(a, b string) bool {
 		return false
 	}
 	i, j := strings.LastIndexByte(a, '@'), strings.LastIndexByte(b, '@')
+	if i < 0 || j < 0 {
+		return i == j && strings.EqualFold(a, b) // <postmaster>
+	}
 	return i == j && a[:i] == b[:j] && strings.EqualFold(a[i:], b[j:])
 }
 

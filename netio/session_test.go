@@ -159,7 +159,7 @@ func TestSessionReplies(t *testing.T) {
 		{"source route", hello + "MAIL FROM:<@r1.test,@r2.test:a@x.test>\r\n", "250 250", ActNone, 0},
 		{"quoted local part", hello + "MAIL FROM:<\"a b>c\"@x.test>\r\nRCPT TO:<\"q@r\"@y.test>\r\n", "250 250 250", ActNone, 0},
 		{"address literal sender", hello + "MAIL FROM:<a@[192.0.2.1]>\r\nRCPT TO:<b@[192.0.2.1]>\r\n", "250 250 553", ActNone, 0},
-		{"postmaster", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<Postmaster>\r\n", "250 250 550", ActNone, 0},
+		{"postmaster goes to the backend", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\n", "250 250 250 250 354 250", ActNone, 1},
 		{"relay denied", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n", "250 250 554", ActNone, 0},
 		{"utf8 without smtputf8", hello + "MAIL FROM:<δ@x.test>\r\n", "250 553", ActNone, 0},
 		{"utf8 with smtputf8", hello + "MAIL FROM:<δ@x.test> SMTPUTF8\r\nRCPT TO:<ü@bücher.test>\r\n", "250 250 250", ActNone, 0},
@@ -291,6 +291,26 @@ func TestSessionDuplicateRecipients(t *testing.T) {
 	runSession(t, testConfig(), b, hello+tx+"RCPT TO:<b@Y.TEST>\r\nRCPT TO:<B@y.test>\r\nDATA\r\nx\r\n.\r\n", 0)
 	if len(b.msgs) != 1 || strings.Join(b.msgs[0].env.Rcpts, ",") != "b@y.test,B@y.test" {
 		t.Fatalf("recipients %+v: the domain's case must not make a duplicate, the local part's must", b.msgs)
+	}
+}
+
+// TestSessionJunkCommands: commands that move no mail are free up to
+// maxJunk; past it each counts as an error, so the session ends with 421
+// after MaxErrors more instead of being held open forever.
+func TestSessionJunkCommands(t *testing.T) {
+	cfg := testConfig() // MaxErrors 5
+	out, act := runSession(t, cfg, &fakeBackend{}, strings.Repeat("NOOP\r\n", maxJunk+10), 0)
+	if act != ActClose || !strings.HasSuffix(out, "421 4.7.0 Error: too many errors, closing connection\r\n") {
+		t.Fatalf("junk flood: action %v, ends %q", act, out[max(0, len(out)-80):])
+	}
+	if n := strings.Count(out, "250 2.0.0 Ok\r\n"); n != maxJunk+cfg.MaxErrors {
+		t.Fatalf("%d NOOPs answered before 421, want %d", n, maxJunk+cfg.MaxErrors)
+	}
+	// Real work in between does not reset the count, but a normal session
+	// never gets near it.
+	out, act = runSession(t, cfg, &fakeBackend{}, strings.Repeat("NOOP\r\n", maxJunk)+hello+tx+"DATA\r\nx\r\n.\r\nQUIT\r\n", 0)
+	if act != ActClose || !strings.HasSuffix(out, "221 2.0.0 Bye\r\n") {
+		t.Fatalf("a session within the limit was cut: %q", out[max(0, len(out)-80):])
 	}
 }
 
