@@ -18,6 +18,12 @@ type attemptResult struct {
 	delivered, deferred, bounced int
 	destFail                     bool   // no MX could be reached (or DNS failed temporarily)
 	lastReply                    string // for the destination's status
+	// requeue: the job was not attempted — the destination refused one
+	// more connection while others to it were working (a per-client
+	// connection cap, as large providers have). Nothing was written; the
+	// job goes back to the front of the queue and the destination's
+	// concurrency is lowered.
+	requeue bool
 }
 
 var (
@@ -108,6 +114,12 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 			_, _, _, dv.tls = a.conn.TLSInfo()
 		} else {
 			reply, destFail, perm := s.connect(a, jobs[live[0]], &dv)
+			if a.conn == nil && destFail && a.peers > 0 && s.ctx.Err() == nil {
+				for _, k := range live {
+					results[k] = &attemptResult{requeue: true, lastReply: reply.Error()}
+				}
+				return results
+			}
 			if a.conn == nil {
 				class := outDeferred
 				if perm {

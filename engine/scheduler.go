@@ -120,6 +120,8 @@ type dest struct {
 	idle         []*agent
 	backoffUntil time.Time
 	fails        int
+	limit        int // lowered connection limit after refusals (0: configured one)
+	okSince      int // deliveries since the limit was last changed
 	inRing       bool
 	refused      bool // mail was left in the spool because ready was full
 	stat         DomainStat
@@ -132,6 +134,7 @@ type agent struct {
 	idleSince time.Time
 	conn      *netio.ClientConn
 	usable    bool // conn can carry another transaction
+	peers     int  // other connections to the destination when this one started
 	mx        string
 	sent      int
 	rand      *rand.Rand
@@ -369,9 +372,18 @@ func (s *Scheduler) handle(ev event) {
 		}
 	case evDone:
 		destFail := false
+		var requeue []*job
 		for k, j := range ev.jobs {
+			if ev.res[k].requeue {
+				requeue = append(requeue, j)
+				continue
+			}
 			s.finishJob(j, ev.res[k], now)
 			destFail = destFail || ev.res[k].destFail
+		}
+		if len(requeue) > 0 {
+			s.requeue(ev.a.d, requeue, ev.res[0].lastReply)
+			destFail = true // close this connection
 		}
 		s.m.busy.Add(-1)
 		s.nextFor(ev.a, destFail, now)
@@ -473,6 +485,16 @@ func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
 			d.fails = 0
 			d.backoffUntil = time.Time{}
 			d.stat.BackoffUntil = time.Time{}
+			if d.limit > 0 {
+				// Probe upwards again after a run of successes.
+				if d.okSince += res.delivered; d.okSince >= limitProbeEvery {
+					d.okSince = 0
+					if d.limit++; d.limit >= s.cfg.MaxConnectionsPerDomain {
+						d.limit = 0
+					}
+					d.stat.ConnLimit = d.limit
+				}
+			}
 		}
 	}
 	j.e.jobs--
@@ -486,6 +508,39 @@ func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
 	}
 }
 
+// limitProbeEvery is the number of deliveries after which a lowered
+// connection limit is raised by one.
+const limitProbeEvery = 50
+
+// requeue puts jobs that were not attempted back at the front of d's queue
+// and lowers d's connection limit to the connections that are working:
+// the destination caps connections per client (421 at the greeting, or
+// refused connections) while it accepts mail on the others.
+func (s *Scheduler) requeue(d *dest, jobs []*job, reason string) {
+	d.ready = append(append(make([]*job, 0, len(jobs)+len(d.ready)), jobs...), d.ready...)
+	s.m.ready.Add(int64(len(jobs)))
+	if !d.inRing {
+		d.inRing = true
+		s.ring = append(s.ring, d)
+	}
+	limit := max(1, d.conns-1) // this connection is closing
+	if d.limit == 0 || limit < d.limit {
+		d.limit = limit
+		d.okSince = 0
+		d.stat.ConnLimit = limit
+		s.log.Info("destination limits connections: concurrency lowered", "rcpt_domain", d.name, "limit", limit, "reason", reason)
+	}
+	s.m.requeued.Add(int64(len(jobs)))
+}
+
+// connLimit is d's current connection limit.
+func (s *Scheduler) connLimit(d *dest) int {
+	if d.limit > 0 && d.limit < s.cfg.MaxConnectionsPerDomain {
+		return d.limit
+	}
+	return s.cfg.MaxConnectionsPerDomain
+}
+
 // nextFor answers an agent that finished its jobs: more jobs for the same
 // destination, idle waiting, or nil (close).
 func (s *Scheduler) nextFor(a *agent, destFail bool, now time.Time) {
@@ -494,7 +549,7 @@ func (s *Scheduler) nextFor(a *agent, destFail bool, now time.Time) {
 	case s.closing, destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection:
 		a.next <- nil
 	case len(d.ready) > 0 && !now.Before(d.backoffUntil):
-		a.next <- s.popBatch(d, a, 1+max(0, s.cfg.MaxConnectionsPerDomain-d.conns))
+		a.next <- s.popBatch(d, a, 1+max(0, s.connLimit(d)-d.conns))
 		s.m.busy.Add(1)
 	default:
 		a.idleSince = now
@@ -630,10 +685,10 @@ func (s *Scheduler) dispatch(now time.Time) {
 				d.idle = d.idle[:n-1]
 				s.m.idle.Add(-1)
 				s.m.busy.Add(1)
-				a.next <- s.popBatch(d, a, n+max(0, s.cfg.MaxConnectionsPerDomain-d.conns))
+				a.next <- s.popBatch(d, a, n+max(0, s.connLimit(d)-d.conns))
 				continue
 			}
-			if d.conns >= s.cfg.MaxConnectionsPerDomain {
+			if d.conns >= s.connLimit(d) {
 				break
 			}
 			if s.conns >= s.cfg.MaxConnections {
@@ -645,8 +700,8 @@ func (s *Scheduler) dispatch(now time.Time) {
 			s.conns++
 			s.m.conns.Add(1)
 			s.m.busy.Add(1)
-			a := &agent{d: d, next: make(chan []*job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
-			s.spawn(a, s.popBatch(d, a, s.cfg.MaxConnectionsPerDomain-d.conns+1))
+			a := &agent{d: d, peers: d.conns - 1, next: make(chan []*job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
+			s.spawn(a, s.popBatch(d, a, s.connLimit(d)-d.conns+1))
 		}
 		if len(d.ready) > 0 {
 			keep = append(keep, d)
@@ -723,6 +778,7 @@ type DomainStat struct {
 	Delivered    int64     `json:"delivered"`
 	Deferred     int64     `json:"deferred"`
 	Bounced      int64     `json:"bounced"`
+	ConnLimit    int       `json:"conn_limit,omitempty"` // lowered connection limit, when the destination caps connections
 	BackoffUntil time.Time `json:"backoff_until,omitzero"`
 	LastReply    string    `json:"last_reply,omitempty"`
 }

@@ -16,6 +16,7 @@ type schedCounters struct {
 	destFull   atomic.Int64 // admissions refused by a full destination queue
 	scanned    atomic.Int64 // messages admitted from the due index
 	staleConns atomic.Int64 // cached connections found closed by the server
+	requeued   atomic.Int64 // jobs put back because a destination capped connections
 	activeMsgs atomic.Int64
 	ready      atomic.Int64
 	conns      atomic.Int64

@@ -250,9 +250,11 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 			t.Fatalf("no busy agent %s", name)
 		}
 		var codes []int
-		destFail, drop := false, false
+		destFail, drop, requeue := false, false, false
 		for _, a := range d.CmdArgs[1:] {
 			switch a.Key {
+			case "requeue":
+				requeue = true
 			case "code", "codes":
 				for _, v := range strings.Split(strings.Join(a.Vals, ","), ",") {
 					c, _ := strconv.Atoi(v)
@@ -267,6 +269,10 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 		jobs := fa.jobs
 		res := make([]*attemptResult, len(jobs))
 		for n, j := range jobs {
+			if requeue {
+				res[n] = &attemptResult{requeue: true, lastReply: "421 4.7.0 too many connections from your IP"}
+				continue
+			}
 			outs := make([]rcptOutcome, len(j.rcpts))
 			for k := range outs {
 				var reply *smtperr.Error
@@ -321,8 +327,12 @@ func (h *schedHarness) show(out *strings.Builder) {
 		if h.now.Before(d.backoffUntil) {
 			backoff = "+" + d.backoffUntil.Sub(h.now).Round(time.Second).String()
 		}
-		fmt.Fprintf(out, "%s: ready=%d conns=%d idle=%d backoff=%s delivered=%d deferred=%d bounced=%d\n",
-			n, len(d.ready), d.conns, len(d.idle), backoff, d.stat.Delivered, d.stat.Deferred, d.stat.Bounced)
+		limit := ""
+		if d.limit > 0 {
+			limit = fmt.Sprintf(" limit=%d", d.limit)
+		}
+		fmt.Fprintf(out, "%s: ready=%d conns=%d idle=%d backoff=%s delivered=%d deferred=%d bounced=%d%s\n",
+			n, len(d.ready), d.conns, len(d.idle), backoff, d.stat.Delivered, d.stat.Deferred, d.stat.Bounced, limit)
 	}
 	fmt.Fprintf(out, "active=%d conns=%d\n", len(h.s.active), h.s.conns)
 }
