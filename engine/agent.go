@@ -114,7 +114,7 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 			_, _, _, dv.tls = a.conn.TLSInfo()
 		} else {
 			reply, destFail, perm := s.connect(a, jobs[live[0]], &dv)
-			if a.conn == nil && destFail && a.peers > 0 && s.ctx.Err() == nil {
+			if a.conn == nil && destFail && a.d.limiting(s.now(), a.refused) && s.ctx.Err() == nil {
 				for _, k := range live {
 					results[k] = &attemptResult{requeue: true, lastReply: reply.Error()}
 				}
@@ -214,8 +214,10 @@ func (s *Scheduler) connect(a *agent, j *job, dv *delivery) (*smtperr.Error, boo
 				last = smtperr.Classify(err)
 				if last.Code == 451 && last.Enhanced == "4.3.0" {
 					last = smtperr.New(451, "4.4.1", "%s[%s]: %v", h.Name, ip, err)
+					a.refused = false
 				} else {
 					last = smtperr.New(last.Code, last.Enhanced, "%s[%s] said: %s", h.Name, ip, last.Message)
+					a.refused = last.Temporary()
 				}
 				continue
 			}

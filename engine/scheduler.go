@@ -120,8 +120,12 @@ type dest struct {
 	idle         []*agent
 	backoffUntil time.Time
 	fails        int
-	limit        int // lowered connection limit after refusals (0: configured one)
-	okSince      int // deliveries since the limit was last changed
+	open         atomic.Int32 // = conns, readable by agents
+	limit        int          // lowered connection limit after refusals (0: configured one)
+	lastOK       atomic.Int64 // unix nanos of the last delivery or permanent answer
+	lastRefused  atomic.Int64 // unix nanos of the last requeue for a refused connection
+	pauseUntil   time.Time    // no new connection before (jobs stay queued in memory)
+	okSince      int          // deliveries since the limit was last changed
 	inRing       bool
 	refused      bool // mail was left in the spool because ready was full
 	stat         DomainStat
@@ -134,7 +138,7 @@ type agent struct {
 	idleSince time.Time
 	conn      *netio.ClientConn
 	usable    bool // conn can carry another transaction
-	peers     int  // other connections to the destination when this one started
+	refused   bool // the last connection attempt got a temporary reply (421 at the greeting)
 	mx        string
 	sent      int
 	rand      *rand.Rand
@@ -393,6 +397,7 @@ func (s *Scheduler) handle(ev event) {
 		}
 	case evAgentExit:
 		ev.a.d.conns--
+		ev.a.d.open.Add(-1)
 		s.conns--
 		s.m.conns.Add(-1)
 	case evQuery:
@@ -482,6 +487,7 @@ func (s *Scheduler) finishJob(j *job, res *attemptResult, now time.Time) {
 				d.ready = nil
 			}
 		} else if res.delivered > 0 || res.bounced > 0 {
+			d.lastOK.Store(now.UnixNano())
 			d.fails = 0
 			d.backoffUntil = time.Time{}
 			d.stat.BackoffUntil = time.Time{}
@@ -523,7 +529,13 @@ func (s *Scheduler) requeue(d *dest, jobs []*job, reason string) {
 		d.inRing = true
 		s.ring = append(s.ring, d)
 	}
+	d.lastRefused.Store(s.now().UnixNano())
 	limit := max(1, d.conns-1) // this connection is closing
+	if d.conns <= 1 {
+		// No connection of ours is open, yet the server still counts some
+		// (closing ones): wait a moment before the next try.
+		d.pauseUntil = s.now().Add(limitPause)
+	}
 	if d.limit == 0 || limit < d.limit {
 		d.limit = limit
 		d.okSince = 0
@@ -531,6 +543,33 @@ func (s *Scheduler) requeue(d *dest, jobs []*job, reason string) {
 		s.log.Info("destination limits connections: concurrency lowered", "rcpt_domain", d.name, "limit", limit, "reason", reason)
 	}
 	s.m.requeued.Add(int64(len(jobs)))
+}
+
+// limitPause is the wait before reconnecting to a destination that refused
+// a connection while none of ours was open.
+const limitPause = time.Second
+
+// A destination that accepted mail within recentOKWindow, or refused a
+// connection as over its limit within recentRefusedWindow (closing
+// connections still count at the server for a moment), and now answers
+// 421 at the greeting is limiting connections, not down.
+const (
+	recentOKWindow      = 30 * time.Second
+	recentRefusedWindow = 5 * time.Second
+)
+
+// limiting reports whether a temporary refusal of a new connection to d
+// at now is the destination's connection cap rather than a failure.
+func (d *dest) limiting(now time.Time, refusedBySrv bool) bool {
+	if d.open.Load() > 1 {
+		return true // other connections of ours to it are open
+	}
+	if !refusedBySrv {
+		return false
+	}
+	t := now.UnixNano()
+	ok, ref := d.lastOK.Load(), d.lastRefused.Load()
+	return ok != 0 && t-ok < int64(recentOKWindow) || ref != 0 && t-ref < int64(recentRefusedWindow)
 }
 
 // connLimit is d's current connection limit.
@@ -688,7 +727,7 @@ func (s *Scheduler) dispatch(now time.Time) {
 				a.next <- s.popBatch(d, a, n+max(0, s.connLimit(d)-d.conns))
 				continue
 			}
-			if d.conns >= s.connLimit(d) {
+			if d.conns >= s.connLimit(d) || now.Before(d.pauseUntil) {
 				break
 			}
 			if s.conns >= s.cfg.MaxConnections {
@@ -697,10 +736,11 @@ func (s *Scheduler) dispatch(now time.Time) {
 				break
 			}
 			d.conns++
+			d.open.Add(1)
 			s.conns++
 			s.m.conns.Add(1)
 			s.m.busy.Add(1)
-			a := &agent{d: d, peers: d.conns - 1, next: make(chan []*job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
+			a := &agent{d: d, next: make(chan []*job, 1), rand: rand.New(rand.NewPCG(s.rand.Uint64(), 2))}
 			s.spawn(a, s.popBatch(d, a, s.connLimit(d)-d.conns+1))
 		}
 		if len(d.ready) > 0 {
