@@ -32,21 +32,29 @@ func (b *refusingBackend) Data(env *Envelope, body []byte, done func(*smtperr.Er
 	done(smtperr.New(250, "2.0.0", "Ok: queued"))
 }
 
+// dialOwnServer starts Hermod's server on backend b and connects the
+// client to it (plain).
+func dialOwnServer(t *testing.T, b Backend) *ClientConn {
+	t.Helper()
+	_, addr := startServer(t, ServerConfig{}, b, nil)
+	cfg := DefaultClientConfig()
+	cfg.Hostname = "client.test"
+	cfg.TLS = TLSDisabled
+	c, err := Dial(context.Background(), &cfg, "mx.test", netip.MustParseAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // TestClientChunkingAgainstServer sends with BDAT (one round trip per
 // message) to Hermod's own server, which offers CHUNKING and PIPELINING,
 // with a pipelined RSET between messages.
 func TestClientChunkingAgainstServer(t *testing.T) {
 	b := &refusingBackend{}
-	_, addr := startServer(t, ServerConfig{}, b, nil)
-	cfg := DefaultClientConfig()
-	cfg.Hostname = "client.test"
-	cfg.TLS = TLSDisabled
+	c := dialOwnServer(t, b)
 	ctx := context.Background()
-	c, err := Dial(ctx, &cfg, "mx.test", netip.MustParseAddrPort(addr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	if !c.Has("CHUNKING") {
 		t.Fatal("server does not offer CHUNKING")
 	}
@@ -136,16 +144,8 @@ func TestClientNormalize(t *testing.T) {
 // client refuses to send (too big for the server's SIZE).
 func TestClientSendBatch(t *testing.T) {
 	b := &refusingBackend{}
-	_, addr := startServer(t, ServerConfig{}, b, nil)
-	cfg := DefaultClientConfig()
-	cfg.Hostname = "client.test"
-	cfg.TLS = TLSDisabled
+	c := dialOwnServer(t, b)
 	ctx := context.Background()
-	c, err := Dial(ctx, &cfg, "mx.test", netip.MustParseAddrPort(addr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	for round := 0; round < 2; round++ {
 		envs := []*ClientEnvelope{
 			{From: "s@x.test", Rcpts: []string{"a@ok.test"}},
