@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strings"
 	"time"
 
 	"github.com/hermod-mta/hermod/dnscache"
@@ -358,12 +357,9 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 	}
 	var rcpts []DSNRecipient
 	for _, k := range failed {
-		r := updates[k]
-		status, diag := replyStatus(r.LastReply)
-		rcpts = append(rcpts, DSNRecipient{
-			Addr: r.Addr, ORcpt: r.ORcpt, Action: "failed", Status: status,
-			RemoteMTA: dv.mx, Diagnostic: diag, LastAttempt: now,
-		})
+		rcpt := DSNRecipientFor(&updates[k], DSNFailed) // Status derived from the reply
+		rcpt.RemoteMTA, rcpt.LastAttempt = dv.mx, now
+		rcpts = append(rcpts, rcpt)
 	}
 	dsn, ok, err := BuildDSN(DSNInput{ReportingMTA: s.opt.Hostname, Msg: msg, Body: body, Rcpts: rcpts, Now: now})
 	if err != nil || !ok {
@@ -372,10 +368,9 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 		}
 		return
 	}
-	bm := &spool.Message{
-		From: "", Received: now, Bounce: true, Body8Bit: dsn.Body8Bit, SMTPUTF8: dsn.SMTPUTF8, Helo: s.opt.Hostname, ClientIP: "127.0.0.1",
-		Rcpts: []spool.Recipient{{Addr: dsn.Rcpt, Domain: netio.Domain(dsn.Rcpt), NextAttempt: now}},
-	}
+	bm := dsn.Envelope()
+	bm.Received, bm.Helo, bm.ClientIP = now, s.opt.Hostname, "127.0.0.1"
+	bm.Rcpts[0].Domain, bm.Rcpts[0].NextAttempt = netio.Domain(dsn.Rcpt), now
 	if err := s.st.CommitWait(bm, dsn.Body); err != nil {
 		s.log.Error("queueing bounce", "msg_id", msg.ID.String(), "err", err)
 		// Leave the recipients pending: they will fail again and bounce
@@ -388,17 +383,4 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 	}
 	s.m.dsns.Add(1)
 	s.Enqueue(bm, dsn.Body)
-}
-
-// replyStatus splits a recorded reply ("550 5.1.1 text") into the DSN
-// status and the diagnostic text.
-func replyStatus(reply string) (status, diag string) {
-	f := strings.SplitN(reply, " ", 3)
-	if len(f) >= 2 && len(f[1]) >= 5 && f[1][1] == '.' && (f[1][0] == '4' || f[1][0] == '5' || f[1][0] == '2') {
-		return f[1], reply
-	}
-	if len(f) >= 1 && len(f[0]) == 3 {
-		return string(f[0][0]) + ".0.0", reply
-	}
-	return "5.0.0", reply
 }
