@@ -277,10 +277,12 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 	if len(failed) > 0 {
 		s.bounce(msg, j, updates, failed, dv, now)
 	}
-	if _, err := s.st.Update(msg.ID, updates); err != nil {
+	if removed, err := s.st.Update(msg.ID, updates); err != nil {
 		// The outcome is not durable: the recipients stay pending in the
 		// spool and will be tried again (at least once, never lost).
 		s.log.Error("recording delivery outcome", "msg_id", msg.ID.String(), "err", err)
+	} else if s.opt.Recorded != nil {
+		s.opt.Recorded(msg.ID, updates, removed)
 	}
 	for k, i := range j.rcpts {
 		r := updates[k]
@@ -288,16 +290,27 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 		if events[k] == "delivered" {
 			s.m.latency.Observe(now.Sub(msg.Received).Seconds())
 		}
-		if s.opt.Log != nil {
-			s.opt.Log.Delivery(DeliveryRecord{
+		if s.opt.Log != nil || s.opt.Observe != nil {
+			rec := DeliveryRecord{
 				Time: now.UTC(), Event: events[k], MsgID: msg.ID.String(), Rcpt: msg.Rcpts[i].Addr, Domain: j.d.name,
 				MX: dv.mx, IP: dv.ip, Reply: r.LastReply, TLS: dv.tls, Attempt: r.Attempts,
 				NextAttempt: nextAttempt(r), Delay: now.Sub(msg.Received).Seconds(),
 				Delays: fmt.Sprintf("%.3f/%.3f/%.3f/%.3f", dv.queue.Seconds(), dv.dns.Seconds(), dv.con.Seconds(), dv.xmit.Seconds()),
-			})
+			}
+			s.observe(&rec)
 		}
 	}
 	return res
+}
+
+// observe hands a delivery record to the log and the observer.
+func (s *Scheduler) observe(rec *DeliveryRecord) {
+	if s.opt.Log != nil {
+		s.opt.Log.Delivery(*rec)
+	}
+	if s.opt.Observe != nil {
+		s.opt.Observe(rec)
+	}
 }
 
 func nextAttempt(r spool.Recipient) time.Time {
@@ -325,8 +338,10 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 	if len(expired) > 0 {
 		s.bounce(msg, j, updates, expired, &delivery{}, now)
 	}
-	if _, err := s.st.Update(msg.ID, updates); err != nil {
+	if removed, err := s.st.Update(msg.ID, updates); err != nil {
 		s.log.Error("recording suspension", "msg_id", msg.ID.String(), "err", err)
+	} else if s.opt.Recorded != nil {
+		s.opt.Recorded(msg.ID, updates, removed)
 	}
 	for k, i := range j.rcpts {
 		ev := "deferred"
@@ -334,8 +349,8 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 			ev = "expired"
 		}
 		s.m.outcome(ev)
-		if s.opt.Log != nil {
-			s.opt.Log.Delivery(DeliveryRecord{Time: now.UTC(), Event: ev, MsgID: msg.ID.String(), Rcpt: msg.Rcpts[i].Addr,
+		if s.opt.Log != nil || s.opt.Observe != nil {
+			s.observe(&DeliveryRecord{Time: now.UTC(), Event: ev, MsgID: msg.ID.String(), Rcpt: msg.Rcpts[i].Addr,
 				Domain: j.d.name, Reply: reason, Attempt: updates[k].Attempts, NextAttempt: nextAttempt(updates[k]),
 				Delay: now.Sub(msg.Received).Seconds()})
 		}

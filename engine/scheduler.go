@@ -40,6 +40,30 @@ type SchedulerOptions struct {
 	Now func() time.Time
 	// Seed seeds the retry jitter; 0 picks a random seed.
 	Seed uint64
+	// Observe, when set, sees every delivery record (delivered, deferred,
+	// bounced, expired) whether or not Log is set: per-domain statistics.
+	// It is called from agent goroutines and must not block.
+	Observe func(*DeliveryRecord)
+	// Recorded, when set, is told of each outcome once it is in the spool:
+	// the message, the recipients' new states and whether the message is
+	// finished and removed. Cluster replication forwards it to the
+	// peers holding copies. Called from agent goroutines; must not block.
+	Recorded func(id spool.ID, updates []spool.Recipient, removed bool)
+	// Limits, when set, bounds connections per destination beyond
+	// DeliveryConfig (cluster-wide limits). Called from the loop goroutine.
+	Limits ConnLimits
+}
+
+// ConnLimits is an outside bound on connections per destination domain
+// (the cluster's share of a cluster-wide limit). Every method is called
+// from the scheduler's loop goroutine and must be fast and non-blocking.
+type ConnLimits interface {
+	// Allowance returns how many connections to domain this node may hold
+	// now, and false when domain has no outside limit.
+	Allowance(domain string) (int, bool)
+	// Opened and Closed report a connection to domain opened or closed.
+	Opened(domain string)
+	Closed(domain string)
 }
 
 // Scheduler delivers queued mail: per-destination ready queues, bounded
@@ -397,6 +421,9 @@ func (s *Scheduler) handle(ev event) {
 		}
 	case evAgentExit:
 		ev.a.d.conns--
+		if s.opt.Limits != nil {
+			s.opt.Limits.Closed(ev.a.d.name)
+		}
 		ev.a.d.open.Add(-1)
 		s.conns--
 		s.m.conns.Add(-1)
@@ -574,10 +601,16 @@ func (d *dest) limiting(now time.Time, refusedBySrv bool) bool {
 
 // connLimit is d's current connection limit.
 func (s *Scheduler) connLimit(d *dest) int {
-	if d.limit > 0 && d.limit < s.cfg.MaxConnectionsPerDomain {
-		return d.limit
+	n := s.cfg.MaxConnectionsPerDomain
+	if d.limit > 0 && d.limit < n {
+		n = d.limit
 	}
-	return s.cfg.MaxConnectionsPerDomain
+	if s.opt.Limits != nil {
+		if c, ok := s.opt.Limits.Allowance(d.name); ok && c < n {
+			n = max(c, 0)
+		}
+	}
+	return n
 }
 
 // nextFor answers an agent that finished its jobs: more jobs for the same
@@ -585,7 +618,8 @@ func (s *Scheduler) connLimit(d *dest) int {
 func (s *Scheduler) nextFor(a *agent, destFail bool, now time.Time) {
 	d := a.d
 	switch {
-	case s.closing, destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection:
+	case s.closing, destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection,
+		s.opt.Limits != nil && d.conns > s.connLimit(d): // over a lowered (cluster) limit: give the slot back
 		a.next <- nil
 	case len(d.ready) > 0 && !now.Before(d.backoffUntil):
 		a.next <- s.popBatch(d, a, 1+max(0, s.connLimit(d)-d.conns))
@@ -736,6 +770,9 @@ func (s *Scheduler) dispatch(now time.Time) {
 				break
 			}
 			d.conns++
+			if s.opt.Limits != nil {
+				s.opt.Limits.Opened(d.name)
+			}
 			d.open.Add(1)
 			s.conns++
 			s.m.conns.Add(1)
