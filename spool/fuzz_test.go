@@ -10,6 +10,7 @@ import (
 func FuzzDecodeMessage(f *testing.F) {
 	f.Add(appendEnvelope(nil, sampleMessage()))
 	f.Add(appendEnvelope(nil, &Message{Rcpts: make([]Recipient, 1)}))
+	f.Add(appendEnvelope(nil, &Message{Rcpts: make([]Recipient, 2), Peers: []string{"a", "b"}}))
 	f.Add([]byte{1})
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -93,6 +93,7 @@ func parseMsgKey(k []byte) (id ID, suffix byte, idx uint16, ok bool) {
 // so that they can be shipped to cluster peers as they are.
 const (
 	envVersion1  = 1
+	envVersion2  = 2 // version 1 + peers (uvarint count, strings)
 	rcptVersion1 = 1
 	bodyVersion1 = 1
 
@@ -102,6 +103,7 @@ const (
 	envFlagsKnown   = envFlag8Bit | envFlagSMTPUTF8 | envFlagBounce
 
 	maxRcpts = math.MaxUint16 + 1
+	maxPeers = 64
 )
 
 func timeToNanos(t time.Time) int64 {
@@ -126,7 +128,11 @@ func appendString(dst []byte, s string) []byte {
 // appendEnvelope appends the envelope record of m (without recipients, but
 // with their count).
 func appendEnvelope(dst []byte, m *Message) []byte {
-	dst = append(dst, envVersion1)
+	if len(m.Peers) > 0 {
+		dst = append(dst, envVersion2)
+	} else {
+		dst = append(dst, envVersion1)
+	}
 	dst = append(dst, m.ID[:]...)
 	var flags byte
 	if m.Body8Bit {
@@ -147,6 +153,12 @@ func appendEnvelope(dst []byte, m *Message) []byte {
 	dst = appendString(dst, m.ClientIP)
 	dst = appendString(dst, m.Helo)
 	dst = binary.AppendUvarint(dst, uint64(len(m.Rcpts)))
+	if len(m.Peers) > 0 {
+		dst = binary.AppendUvarint(dst, uint64(len(m.Peers)))
+		for _, p := range m.Peers {
+			dst = appendString(dst, p)
+		}
+	}
 	return dst
 }
 
@@ -255,7 +267,10 @@ func (d *decoder) finish(what string) error {
 // panics, whatever b holds.
 func decodeEnvelope(b []byte) (m *Message, nrcpt int, err error) {
 	d := decoder{b: b}
-	d.version(envVersion1, "envelope")
+	v := d.byte("envelope version")
+	if d.err == nil && v != envVersion1 && v != envVersion2 {
+		d.err = fmt.Errorf("%w: envelope version %d", ErrUnknownVersion, v)
+	}
 	m = &Message{}
 	copy(m.ID[:], d.bytes(IDLen, "id"))
 	flags := d.byte("flags")
@@ -275,6 +290,15 @@ func decodeEnvelope(b []byte) (m *Message, nrcpt int, err error) {
 	n := d.uvarint("recipient count")
 	if d.err == nil && (n == 0 || n > maxRcpts) {
 		d.fail(fmt.Sprintf("recipient count %d", n))
+	}
+	if d.err == nil && v == envVersion2 {
+		np := d.uvarint("peer count")
+		if d.err == nil && (np == 0 || np > maxPeers) {
+			d.fail(fmt.Sprintf("peer count %d", np))
+		}
+		for i := uint64(0); d.err == nil && i < np; i++ {
+			m.Peers = append(m.Peers, d.string("peer"))
+		}
 	}
 	if d.err == nil && m.Size < 0 {
 		d.fail("negative size")

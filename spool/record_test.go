@@ -144,6 +144,16 @@ func TestRecordRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(*got, want) {
 		t.Fatalf("envelope:\n got %+v\nwant %+v", *got, want)
 	}
+	// Version 2 carries the cluster peers.
+	m.Peers = []string{"node-a", "node-b"}
+	b := appendEnvelope(nil, m)
+	if b[0] != envVersion2 {
+		t.Fatalf("envelope with peers has version %d", b[0])
+	}
+	got, _, err = decodeEnvelope(b)
+	if err != nil || !reflect.DeepEqual(got.Peers, m.Peers) {
+		t.Fatalf("peers: %v %q", err, got.Peers)
+	}
 	r := sampleRecipient()
 	gr, err := decodeRecipient(appendRecipient(nil, &r))
 	if err != nil || !reflect.DeepEqual(gr, r) {
