@@ -178,7 +178,8 @@ func TestRecordErrors(t *testing.T) {
 		want error
 	}{
 		{"env empty", nil, decEnv, ErrCorrupt},
-		{"env version", append([]byte{2}, env[1:]...), decEnv, ErrUnknownVersion},
+		{"env version", append([]byte{3}, env[1:]...), decEnv, ErrUnknownVersion},
+		{"env v2 without peers", append([]byte{2}, env[1:]...), decEnv, ErrCorrupt},
 		{"env truncated", env[:len(env)-1], decEnv, ErrCorrupt},
 		{"env trailing", append(slices.Clone(env), 0), decEnv, ErrCorrupt},
 		{"env flags", func() []byte { e := slices.Clone(env); e[11] = 0x80; return e }(), decEnv, ErrCorrupt},
