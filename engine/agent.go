@@ -282,7 +282,7 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 		// spool and will be tried again (at least once, never lost).
 		s.log.Error("recording delivery outcome", "msg_id", msg.ID.String(), "err", err)
 	} else if s.opt.Recorded != nil {
-		s.opt.Recorded(msg.ID, updates, removed)
+		s.opt.Recorded(msg, updates, removed)
 	}
 	for k, i := range j.rcpts {
 		r := updates[k]
@@ -341,7 +341,7 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 	if removed, err := s.st.Update(msg.ID, updates); err != nil {
 		s.log.Error("recording suspension", "msg_id", msg.ID.String(), "err", err)
 	} else if s.opt.Recorded != nil {
-		s.opt.Recorded(msg.ID, updates, removed)
+		s.opt.Recorded(msg, updates, removed)
 	}
 	for k, i := range j.rcpts {
 		ev := "deferred"

@@ -48,7 +48,7 @@ type SchedulerOptions struct {
 	// the message, the recipients' new states and whether the message is
 	// finished and removed. Cluster replication forwards it to the
 	// peers holding copies. Called from agent goroutines; must not block.
-	Recorded func(id spool.ID, updates []spool.Recipient, removed bool)
+	Recorded func(msg *spool.Message, updates []spool.Recipient, removed bool)
 	// Limits, when set, bounds connections per destination beyond
 	// DeliveryConfig (cluster-wide limits). Called from the loop goroutine.
 	Limits ConnLimits
