@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -120,6 +121,11 @@ type ReceiverOptions struct {
 	// keep the body to deliver without reading it back). It must not
 	// block, nor modify body.
 	Accepted func(msg *spool.Message, body []byte)
+	// Replicate, when set, copies each message to cluster peers before it
+	// is acknowledged: it is called just before the local commit (it may
+	// set msg.Peers), and the 250 waits for both. done(err) reports
+	// whether the copies are durable (an error answers 451 4.3.0).
+	Replicate func(msg *spool.Message, body []byte, done func(error))
 	// Now returns the current time. nil means time.Now.
 	Now func() time.Time
 }
@@ -242,7 +248,7 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 	full = appendReceived(full, env, r.opt.Hostname, msg.ID.String(), start)
 	full = append(full, body...)
 	tlsOn := env.Conn.TLS != nil
-	st.Commit(msg, full, func(err error) {
+	finish := func(err error) {
 		if err != nil {
 			r.m.commitFailed.Add(1)
 			r.opt.Logger.Error("spool commit failed", "msg_id", msg.ID.String(), "err", err)
@@ -258,7 +264,34 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 		if r.opt.Accepted != nil {
 			r.opt.Accepted(msg, full)
 		}
-	})
+	}
+	if r.opt.Replicate == nil {
+		st.Commit(msg, full, finish)
+		return
+	}
+	// Local commit and replication run side by side; the answer waits
+	// for both. A message committed here whose copies failed is answered
+	// 451 but stays queued (the client's retry is a duplicate, never a
+	// loss).
+	var (
+		mu       sync.Mutex
+		left     = 2
+		firstErr error
+	)
+	both := func(err error) {
+		mu.Lock()
+		if err != nil && firstErr == nil {
+			firstErr = err
+		}
+		left--
+		last := left == 0
+		mu.Unlock()
+		if last {
+			finish(firstErr)
+		}
+	}
+	r.opt.Replicate(msg, full, both)
+	st.Commit(msg, full, both)
 }
 
 // countReceived counts the Received: header fields of a message.

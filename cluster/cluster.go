@@ -1,0 +1,590 @@
+package cluster
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// ServiceOptions are the collaborators of a Service.
+type ServiceOptions struct {
+	// Logger gets operational messages; nil discards them.
+	Logger *slog.Logger
+	// Store is this node's spool (taken-over mail is committed to it, and
+	// messages other nodes delivered are removed from it on reconcile).
+	Store *spool.Store
+	// ReplicaSpool configures the replica store (its Dir is used as is).
+	ReplicaSpool spool.Config
+	// StateDir keeps the gossip snapshot and the taken-over log.
+	StateDir string
+	// SMTP and HTTP are this node's listen addresses (published in tags).
+	SMTP []string
+	HTTP string
+	// Listen starts an SMTP listener on a failed peer's address and
+	// returns the function that stops it. nil disables address takeover.
+	Listen func(addr string) (stop func(), err error)
+	// Transport replaces memberlist's network (tests, simulations).
+	Node Options
+}
+
+// Service is a node's whole cluster side: membership, shared limits,
+// replication to peers, holding peers' replicas, taking over a failed
+// peer's mail and addresses.
+type Service struct {
+	cfg  Config
+	opt  ServiceOptions
+	log  *slog.Logger
+	node *Node
+
+	limits   *Limits
+	repl     *replicator
+	hold     *holder
+	replicas *spool.Store
+	taken    *takenLog
+
+	kick chan struct{}
+	stop chan struct{}
+	wg   sync.WaitGroup
+
+	addrMu sync.Mutex
+	held   map[string][]func() // failed node → stops of its addresses held here
+
+	takenOver  atomic.Int64
+	reconciled atomic.Int64
+}
+
+// NewService opens the replica store and prepares the node; Start joins.
+func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opt.Store == nil {
+		return nil, errors.New("cluster: a spool is required")
+	}
+	nopt := opt.Node
+	nopt.Logger = opt.Logger.With("component", "gossip")
+	nopt.SMTP, nopt.HTTP, nopt.Dir = opt.SMTP, opt.HTTP, opt.StateDir
+	node, err := NewNode(cfg, nopt)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{
+		cfg: node.Config(), opt: opt, log: opt.Logger, node: node,
+		kick: make(chan struct{}, 1), stop: make(chan struct{}), held: map[string][]func(){},
+	}
+	s.limits = NewLimits(cfg.NodeName, cfg.DomainLimits, cfg.CountInterval,
+		func() int { return len(node.Alive()) },
+		func(p []byte) error { return node.Broadcast(countEvent, p) })
+	s.repl = newReplicator(cfg.NodeName, cfg.ReplicationTimeout, opt.Logger.With("component", "replication"))
+	return s, nil
+}
+
+// Node returns the membership.
+func (s *Service) Node() *Node { return s.node }
+
+// Limits returns the cluster-wide connection limits (engine.ConnLimits).
+func (s *Service) Limits() *Limits { return s.limits }
+
+// Start opens the replica store, listens for replicas, joins the cluster
+// and starts the background work (count gossip, takeover checks).
+func (s *Service) Start() error {
+	if err := os.MkdirAll(s.opt.StateDir, 0o750); err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
+	if err := os.MkdirAll(s.opt.ReplicaSpool.Dir, 0o750); err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
+	rs, err := spool.Open(s.opt.ReplicaSpool, s.log.With("component", "replica-spool"))
+	if err != nil {
+		return fmt.Errorf("cluster: replica store: %w", err)
+	}
+	s.replicas = rs
+	s.taken, err = openTakenLog(filepath.Join(s.opt.StateDir, "taken.log"))
+	if err != nil {
+		rs.Close()
+		return err
+	}
+	ln, err := net.Listen("tcp", s.cfg.ReplicationListen)
+	if err != nil {
+		rs.Close()
+		return fmt.Errorf("cluster.replication_listen: %w", err)
+	}
+	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.taken, ln)
+	go s.hold.serve()
+	s.node.HandleUserEvent(countEvent, s.limits.HandleEvent)
+	s.node.OnMemberChange(s.memberChange)
+	if err := s.node.Start(); err != nil {
+		s.hold.close()
+		rs.Close()
+		return err
+	}
+	s.limits.Start()
+	s.wg.Add(1)
+	go s.background()
+	return nil
+}
+
+func (s *Service) memberChange(ch MemberChange) {
+	for _, m := range ch.Members {
+		if m.Name == s.node.Name() {
+			continue
+		}
+		switch ch.Status {
+		case "failed", "left":
+			s.limits.Forget(m.Name)
+			s.repl.forget(m.Name)
+		case "alive":
+			// A peer came back (restart or healed partition): tell it
+			// what we took over (it asks), and stop answering for it.
+			go s.reconcileWith(m)
+		}
+	}
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// background runs takeover and address checks after membership changes
+// and every few seconds (to catch what a change missed).
+func (s *Service) background() {
+	defer s.wg.Done()
+	t := time.NewTicker(3 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-s.kick:
+		case <-t.C:
+		}
+		if s.cfg.TakeoverEnabled() {
+			s.takeoverPass()
+			s.addressPass()
+		}
+	}
+}
+
+// alive returns the names of the alive members.
+func (s *Service) alive() map[string]bool {
+	out := map[string]bool{}
+	for _, m := range s.node.Alive() {
+		out[m.Name] = true
+	}
+	return out
+}
+
+// Replicate sends copies of msg to Replicas peers and calls done once
+// they are durable there (or have failed). It sets msg.Peers (this node,
+// then the holders) before returning, so call it before committing msg
+// locally. done(nil) means at least one copy is durable, or that fewer
+// copies are allowed (RequireReplicas off; the shortfall is counted).
+func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
+	want := s.cfg.ReplicaCount()
+	if want == 0 {
+		done(nil)
+		return
+	}
+	var names []string
+	members := map[string]Member{}
+	for _, m := range s.node.Alive() {
+		if m.Name != s.node.Name() && m.Repl != "" {
+			names = append(names, m.Name)
+			members[m.Name] = m
+		}
+	}
+	holders := rank(msg.ID, names)
+	if len(holders) > want {
+		holders = holders[:want]
+	}
+	if len(holders) < want && s.cfg.RequireReplicas {
+		done(ErrNoReplicas)
+		return
+	}
+	if len(holders) == 0 {
+		s.repl.short.Add(1)
+		done(nil)
+		return
+	}
+	msg.Peers = append([]string{s.node.Name()}, holders...)
+	payload := appendMessage(nil, msg)
+	payload = append(payload, body...)
+	var (
+		mu       sync.Mutex
+		left     = len(holders)
+		ok       int
+		finished bool
+	)
+	finish := func(err error) {
+		mu.Lock()
+		if finished {
+			mu.Unlock()
+			return
+		}
+		if err == nil {
+			ok++
+		}
+		left--
+		if left > 0 {
+			mu.Unlock()
+			return
+		}
+		finished = true
+		mu.Unlock()
+		s.repl.replicated.Add(int64(ok))
+		if ok < want {
+			s.repl.short.Add(1)
+		}
+		if ok < want && s.cfg.RequireReplicas {
+			done(ErrNoReplicas)
+			return
+		}
+		done(nil)
+	}
+	timer := time.AfterFunc(s.cfg.ReplicationTimeout, func() {
+		mu.Lock()
+		if finished {
+			mu.Unlock()
+			return
+		}
+		finished = true
+		n := ok
+		mu.Unlock()
+		s.repl.replicated.Add(int64(n))
+		s.repl.short.Add(1)
+		if s.cfg.RequireReplicas && n < want {
+			done(ErrNoReplicas)
+			return
+		}
+		done(nil)
+	})
+	for _, h := range holders {
+		p := s.repl.peer(members[h])
+		if err := p.send(frameReplicate, payload, true, func(err error) {
+			if err != nil {
+				s.log.Debug("replica not stored", "peer", h, "msg_id", msg.ID.String(), "err", err)
+			}
+			finish(err)
+		}, nil); err != nil {
+			finish(err)
+		}
+	}
+	_ = timer
+}
+
+// Recorded forwards a delivery outcome to the holders of msg's copies
+// (engine.SchedulerOptions.Recorded). Best effort: an outcome that does
+// not arrive only means a holder taking over would retry recipients
+// already delivered.
+func (s *Service) Recorded(msg *spool.Message, updates []spool.Recipient, removed bool) {
+	if len(msg.Peers) < 2 || msg.Peers[0] != s.node.Name() {
+		return
+	}
+	var payload []byte
+	for _, h := range msg.Peers[1:] {
+		m, ok := s.node.Member(h)
+		if !ok || !m.Alive() {
+			continue
+		}
+		if payload == nil {
+			payload = appendOutcome(nil, msg.ID, updates, removed)
+		}
+		_ = s.repl.peer(m).send(frameOutcome, payload, false, nil, nil)
+	}
+}
+
+// takeoverPass delivers, from here, the copies of failed nodes' messages
+// this node owns: for each copy whose origin is not alive, the owner is
+// the first alive holder in the message's peers list.
+func (s *Service) takeoverPass() {
+	alive := s.alive()
+	self := s.node.Name()
+	type item struct {
+		origin string
+		msg    *spool.Message
+	}
+	var items []item
+	err := s.replicas.Walk(func(m *spool.Message) bool {
+		if len(m.Peers) < 2 || alive[m.Peers[0]] {
+			return true
+		}
+		for _, h := range m.Peers[1:] {
+			if alive[h] {
+				if h == self {
+					items = append(items, item{m.Peers[0], m})
+				}
+				break
+			}
+		}
+		return true
+	})
+	if err != nil {
+		s.log.Error("walking the replica store", "err", err)
+		return
+	}
+	if len(items) == 0 {
+		return
+	}
+	byOrigin := map[string][]spool.ID{}
+	for _, it := range items {
+		byOrigin[it.origin] = append(byOrigin[it.origin], it.msg.ID)
+	}
+	for o, ids := range byOrigin {
+		if err := s.taken.add(o, ids); err != nil {
+			s.log.Error("recording taken-over mail", "err", err)
+			return
+		}
+	}
+	var wg sync.WaitGroup
+	var n atomic.Int64
+	for _, it := range items {
+		m := it.msg
+		body, err := s.replicas.Body(m.ID)
+		if err != nil {
+			s.log.Error("reading a replica", "msg_id", m.ID.String(), "err", err)
+			continue
+		}
+		nm := *m
+		nm.Peers = nil
+		nm.Rcpts = nil
+		for _, r := range m.Rcpts {
+			if r.State == spool.Pending {
+				nm.Rcpts = append(nm.Rcpts, r)
+			}
+		}
+		others := m.Peers[1:]
+		if len(nm.Rcpts) == 0 {
+			_ = s.replicas.Delete(m.ID)
+			continue
+		}
+		wg.Add(1)
+		s.opt.Store.Commit(&nm, body, func(err error) {
+			defer wg.Done()
+			if err != nil {
+				s.log.Error("taking over a message", "msg_id", m.ID.String(), "err", err)
+				return
+			}
+			n.Add(1)
+			_ = s.replicas.Delete(m.ID)
+			for _, h := range others {
+				if h == self {
+					continue
+				}
+				if mm, ok := s.node.Member(h); ok && mm.Alive() {
+					_ = s.repl.peer(mm).send(frameDrop, m.ID[:], false, nil, nil)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	s.takenOver.Add(n.Load())
+	s.log.Warn("took over a failed node's mail", "messages", n.Load(), "origins", len(byOrigin))
+}
+
+// addressPass answers on failed nodes' SMTP addresses: the owner of a
+// failed node's addresses is the alive node ranked first for its name.
+// Addresses are released when the node is alive again (or another node
+// ranks first).
+func (s *Service) addressPass() {
+	if s.opt.Listen == nil {
+		return
+	}
+	alive := s.alive()
+	var names []string
+	for n := range alive {
+		names = append(names, n)
+	}
+	self := s.node.Name()
+	want := map[string]Member{}
+	for _, m := range s.node.Members() {
+		if m.Status != "failed" || len(m.SMTP) == 0 {
+			continue
+		}
+		if r := rankKey([]byte(m.Name), names); len(r) > 0 && r[0] == self {
+			want[m.Name] = m
+		}
+	}
+	s.addrMu.Lock()
+	defer s.addrMu.Unlock()
+	for name, stops := range s.held {
+		if _, ok := want[name]; ok {
+			continue
+		}
+		for _, stop := range stops {
+			stop()
+		}
+		delete(s.held, name)
+		s.log.Info("released a peer's SMTP addresses", "peer", name)
+	}
+	for name, m := range want {
+		if _, ok := s.held[name]; ok {
+			continue
+		}
+		var stops []func()
+		for _, a := range m.SMTP {
+			if err := s.runHook("add", a); err != nil {
+				s.log.Error("address hook", "addr", a, "err", err)
+				continue
+			}
+			stop, err := s.opt.Listen(a)
+			if err != nil {
+				s.log.Error("taking over a peer's SMTP address", "peer", name, "addr", a, "err", err)
+				_ = s.runHook("del", a)
+				continue
+			}
+			addr := a
+			stops = append(stops, func() { stop(); _ = s.runHook("del", addr) })
+			s.log.Warn("answering on a failed peer's SMTP address", "peer", name, "addr", a)
+		}
+		if len(stops) > 0 {
+			s.held[name] = stops
+		}
+	}
+}
+
+func (s *Service) runHook(op, addr string) error {
+	if s.cfg.AddressHook == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, s.cfg.AddressHook, op, addr).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s %s: %w: %s", s.cfg.AddressHook, op, addr, err, out)
+	}
+	return nil
+}
+
+// reconcileWith asks peer m which of this node's messages it took over
+// and removes them from the spool. It returns how many were removed.
+func (s *Service) reconcileWith(m Member) (int, error) {
+	if m.Repl == "" {
+		return 0, nil
+	}
+	ans := make(chan []byte, 1)
+	payload := appendStr(nil, s.node.Name())
+	if err := s.repl.peer(m).send(frameReconcile, payload, true, nil, ans); err != nil {
+		return 0, err
+	}
+	var b []byte
+	select {
+	case b = <-ans:
+	case <-time.After(s.cfg.ReconcileTimeout):
+		return 0, fmt.Errorf("cluster: %s did not answer the reconciliation", m.Name)
+	}
+	if b == nil {
+		return 0, fmt.Errorf("cluster: connection to %s lost during reconciliation", m.Name)
+	}
+	n, k := binary.Uvarint(b)
+	if k <= 0 || uint64(len(b)-k) != n*spool.IDLen {
+		return 0, errFrame
+	}
+	b = b[k:]
+	removed := 0
+	for i := uint64(0); i < n; i++ {
+		var id spool.ID
+		copy(id[:], b[i*spool.IDLen:])
+		if err := s.opt.Store.Delete(id); err == nil {
+			removed++
+		}
+	}
+	if removed > 0 {
+		s.reconciled.Add(int64(removed))
+		s.log.Warn("dropped mail a peer delivered while this node was away", "peer", m.Name, "messages", removed)
+	}
+	return removed, nil
+}
+
+// Reconcile runs before delivery starts: it waits (up to
+// ReconcileTimeout) to see the cluster, then asks every alive peer which
+// of this node's messages it took over, and removes them from the spool.
+func (s *Service) Reconcile() int {
+	deadline := time.Now().Add(s.cfg.ReconcileTimeout)
+	if len(s.cfg.Join) > 0 {
+		for len(s.node.Alive()) < 2 && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	total := 0
+	for _, m := range s.node.Alive() {
+		if m.Name == s.node.Name() {
+			continue
+		}
+		n, err := s.reconcileWith(m)
+		if err != nil {
+			s.log.Warn("reconciliation", "peer", m.Name, "err", err)
+		}
+		total += n
+	}
+	return total
+}
+
+// Stats are the service's counters.
+type Stats struct {
+	Members          []Member `json:"members"`
+	ReplicasSent     int64    `json:"replicas_acknowledged"`
+	ReplicationShort int64    `json:"messages_with_fewer_replicas"`
+	ReplicasStored   int64    `json:"replicas_stored"`
+	ReplicasHeld     int64    `json:"replicas_held"`
+	ReplicasDropped  int64    `json:"replicas_dropped"`
+	TakenOver        int64    `json:"taken_over"`
+	Reconciled       int64    `json:"reconciled"`
+	AddressesHeld    []string `json:"addresses_held_for"`
+}
+
+// Stats returns the counters.
+func (s *Service) Stats() Stats {
+	st := Stats{
+		Members: s.node.Members(), ReplicasSent: s.repl.replicated.Load(), ReplicationShort: s.repl.short.Load(),
+		TakenOver: s.takenOver.Load(), Reconciled: s.reconciled.Load(),
+	}
+	if s.hold != nil {
+		st.ReplicasStored, st.ReplicasDropped = s.hold.stored.Load(), s.hold.dropped.Load()
+	}
+	if s.replicas != nil {
+		st.ReplicasHeld = s.replicas.Stats().Messages
+	}
+	s.addrMu.Lock()
+	for n := range s.held {
+		st.AddressesHeld = append(st.AddressesHeld, n)
+	}
+	s.addrMu.Unlock()
+	return st
+}
+
+// Close leaves the cluster (gracefully: peers do not take over), releases
+// held addresses and closes the replica store.
+func (s *Service) Close(ctx context.Context) error {
+	close(s.stop)
+	s.wg.Wait()
+	s.limits.Stop()
+	s.addrMu.Lock()
+	for _, stops := range s.held {
+		for _, stop := range stops {
+			stop()
+		}
+	}
+	s.held = map[string][]func(){}
+	s.addrMu.Unlock()
+	err := s.node.Close(ctx)
+	s.repl.closeAll()
+	s.hold.close()
+	if e := s.replicas.Close(); err == nil {
+		err = e
+	}
+	if e := s.taken.close(); err == nil {
+		err = e
+	}
+	return err
+}

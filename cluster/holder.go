@@ -1,0 +1,198 @@
+package cluster
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// holder is the receiving side of replication: it keeps other nodes'
+// messages in the replica store (a spool of its own, never scanned for
+// delivery) until their origin reports them finished or this node takes
+// them over.
+type holder struct {
+	log     *slog.Logger
+	store   *spool.Store
+	taken   *takenLog
+	ln      net.Listener
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	conns   map[net.Conn]bool
+	closed  bool
+	sem     chan struct{} // bounds concurrent outcome writes
+	stored  atomic.Int64
+	dropped atomic.Int64
+	failed  atomic.Int64
+}
+
+func newHolder(log *slog.Logger, store *spool.Store, taken *takenLog, ln net.Listener) *holder {
+	return &holder{log: log, store: store, taken: taken, ln: ln, conns: map[net.Conn]bool{}, sem: make(chan struct{}, 64)}
+}
+
+func (h *holder) serve() {
+	h.wg.Add(1)
+	defer h.wg.Done()
+	for {
+		c, err := h.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			h.log.Warn("replication accept", "err", err)
+			continue
+		}
+		h.mu.Lock()
+		if h.closed {
+			h.mu.Unlock()
+			c.Close()
+			return
+		}
+		h.conns[c] = true
+		h.mu.Unlock()
+		h.wg.Add(1)
+		go h.conn(c)
+	}
+}
+
+func (h *holder) close() {
+	h.mu.Lock()
+	h.closed = true
+	for c := range h.conns {
+		c.Close()
+	}
+	h.mu.Unlock()
+	h.ln.Close()
+	h.wg.Wait()
+}
+
+// conn serves one origin's connection. Replies (acks, answers) go through
+// out, written by one goroutine that flushes when nothing else waits.
+func (h *holder) conn(c net.Conn) {
+	defer h.wg.Done()
+	out := make(chan []byte, 4096)
+	var wwg sync.WaitGroup
+	wwg.Add(1)
+	go func() {
+		defer wwg.Done()
+		w := bufio.NewWriterSize(c, 64<<10)
+		for f := range out {
+			_ = writeFrame(w, f[0], f[1:])
+			if len(out) == 0 {
+				if err := w.Flush(); err != nil {
+					for range out { // drain until closed
+					}
+					return
+				}
+			}
+		}
+	}()
+	var pending sync.WaitGroup // commits and outcomes in flight on this connection
+	defer func() {
+		c.Close()
+		pending.Wait()
+		close(out)
+		wwg.Wait()
+		h.mu.Lock()
+		delete(h.conns, c)
+		h.mu.Unlock()
+	}()
+	r := bufio.NewReaderSize(c, 64<<10)
+	origin := ""
+	for {
+		typ, p, err := readFrame(r, nil)
+		if err != nil {
+			return
+		}
+		switch typ {
+		case frameHello:
+			origin = string(p)
+		case frameReplicate:
+			seq, k := binary.Uvarint(p)
+			if k <= 0 {
+				return
+			}
+			msg, body, err := decodeMessage(p[k:])
+			if err != nil {
+				h.log.Warn("bad replica frame", "origin", origin, "err", err)
+				return
+			}
+			pending.Add(1)
+			h.store.Commit(msg, body, func(err error) {
+				defer pending.Done()
+				a := binary.AppendUvarint([]byte{frameAck}, seq)
+				if err != nil {
+					h.failed.Add(1)
+					a = append(a, 1)
+					a = appendStr(a, err.Error())
+				} else {
+					h.stored.Add(1)
+					a = append(a, 0)
+				}
+				out <- a
+			})
+		case frameOutcome:
+			id, rcpts, removed, err := decodeOutcome(p)
+			if err != nil {
+				return
+			}
+			pending.Add(1)
+			h.sem <- struct{}{}
+			go func() {
+				defer func() { <-h.sem; pending.Done() }()
+				h.applyOutcome(id, rcpts, removed)
+			}()
+		case frameDrop:
+			if len(p) != spool.IDLen {
+				return
+			}
+			var id spool.ID
+			copy(id[:], p)
+			pending.Add(1)
+			h.sem <- struct{}{}
+			go func() {
+				defer func() { <-h.sem; pending.Done() }()
+				if err := h.store.Delete(id); err == nil {
+					h.dropped.Add(1)
+				}
+			}()
+		case frameReconcile:
+			rd := reader{b: p}
+			seq := rd.uvarint()
+			node := rd.str()
+			if rd.bad {
+				return
+			}
+			ids := h.taken.of(node)
+			a := binary.AppendUvarint([]byte{frameTaken}, seq)
+			a = binary.AppendUvarint(a, uint64(len(ids)))
+			for _, id := range ids {
+				a = append(a, id[:]...)
+			}
+			out <- a
+		default:
+			h.log.Warn("unknown replication frame", "origin", origin, "type", typ)
+			return
+		}
+	}
+}
+
+// applyOutcome records recipients' outcomes on a copy; a finished message
+// is dropped. A copy that is gone (taken over, or never stored) is
+// ignored.
+func (h *holder) applyOutcome(id spool.ID, rcpts []spool.Recipient, removed bool) {
+	if removed {
+		if err := h.store.Delete(id); err == nil {
+			h.dropped.Add(1)
+		}
+		return
+	}
+	if _, err := h.store.Update(id, rcpts); err != nil && !errors.Is(err, spool.ErrNotFound) {
+		h.log.Warn("applying an outcome to a replica", "msg_id", id.String(), "err", err)
+	}
+}

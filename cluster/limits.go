@@ -1,0 +1,326 @@
+package cluster
+
+import (
+	"encoding/binary"
+	"errors"
+	"sync"
+	"time"
+)
+
+// Limits shares per-domain outbound connection counts across the cluster
+// and enforces cluster-wide limits (Config.DomainLimits). It implements
+// engine.ConnLimits.
+//
+// Rule. With L the cluster limit of a domain and N the alive nodes, each
+// node has a fair share S = L/N. A node may hold
+//
+//	L − Σ over the other nodes of (their count, raised to S if they want
+//	connections to the domain)
+//
+// so a node that wants connections always gets its share, and unused
+// shares are borrowed. A node wants a domain when it holds connections to
+// it or asked for its allowance within the last demandWindow. Counts
+// older than 3 × CountInterval (and all counts of a failed or departed
+// node) are dropped.
+//
+// Overshoot. Counts travel by gossip: a node learns of another's demand
+// up to one CountInterval plus the gossip delay late. Until then a
+// borrower may hold up to the newcomer's share more than the rule allows;
+// borrowers give connections back as soon as they finish their current
+// batch (the scheduler closes connections over the allowance). So the
+// cluster exceeds L by at most one fair share per node that starts
+// wanting the domain, for at most CountInterval + gossip delay + one batch
+// (docs/CLUSTER.md has the measured figures). When L < N, shares are 0
+// and nodes that start at the same time may together open up to N−1 more
+// than L before they see each other.
+type Limits struct {
+	self     string
+	interval time.Duration
+	now      func() time.Time
+	alive    func() int
+	send     func(payload []byte) error
+
+	mu     sync.Mutex
+	limits map[string]int
+	local  map[string]*localCount
+	peers  map[string]map[string]peerCount // node → domain → count
+	sent   map[string]bool                 // domains in the last message (send zeros once)
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+type localCount struct {
+	conns  int
+	wanted time.Time
+}
+
+type peerCount struct {
+	conns  int
+	demand bool
+	at     time.Time
+}
+
+// demandWindow is how long an allowance request counts as demand.
+const demandWindow = 2 * time.Second
+
+// countEvent is the user event carrying connection counts.
+const countEvent = "hermod-counts"
+
+// NewLimits returns the limits of node self. alive counts the alive
+// members; send broadcasts a payload to every member (Node.Broadcast).
+func NewLimits(self string, limits map[string]int, interval time.Duration, alive func() int, send func([]byte) error) *Limits {
+	l := &Limits{
+		self: self, interval: interval, now: time.Now, alive: alive, send: send,
+		limits: map[string]int{}, local: map[string]*localCount{},
+		peers: map[string]map[string]peerCount{}, sent: map[string]bool{},
+		stop: make(chan struct{}), done: make(chan struct{}),
+	}
+	l.SetLimits(limits)
+	return l
+}
+
+// SetLimits replaces the cluster-wide limits (configuration reload).
+func (l *Limits) SetLimits(limits map[string]int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.limits = make(map[string]int, len(limits))
+	for d, n := range limits {
+		l.limits[d] = n
+	}
+}
+
+// Allowance implements engine.ConnLimits.
+func (l *Limits) Allowance(domain string) (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	limit, ok := l.limits[domain]
+	if !ok {
+		return 0, false
+	}
+	now := l.now()
+	lc := l.local[domain]
+	if lc == nil {
+		lc = &localCount{}
+		l.local[domain] = lc
+	}
+	lc.wanted = now
+	n := max(l.alive(), 1)
+	share := limit / n
+	others := 0
+	stale := now.Add(-3 * l.interval)
+	for _, counts := range l.peers {
+		c, ok := counts[domain]
+		if !ok || c.at.Before(stale) {
+			continue
+		}
+		held := c.conns
+		if c.demand && held < share {
+			held = share
+		}
+		others += held
+	}
+	return max(limit-others, 0), true
+}
+
+// Opened implements engine.ConnLimits.
+func (l *Limits) Opened(domain string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.limits[domain]; !ok {
+		return
+	}
+	lc := l.local[domain]
+	if lc == nil {
+		lc = &localCount{}
+		l.local[domain] = lc
+	}
+	lc.conns++
+}
+
+// Closed implements engine.ConnLimits.
+func (l *Limits) Closed(domain string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if lc := l.local[domain]; lc != nil && lc.conns > 0 {
+		lc.conns--
+	}
+}
+
+// Held returns this node's connection count for domain (tests, stats).
+func (l *Limits) Held(domain string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if lc := l.local[domain]; lc != nil {
+		return lc.conns
+	}
+	return 0
+}
+
+// Start gossips the local counts every interval until Stop.
+func (l *Limits) Start() {
+	go func() {
+		defer close(l.done)
+		t := time.NewTicker(l.interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-t.C:
+				for _, p := range l.payloads() {
+					_ = l.send(p)
+				}
+			}
+		}
+	}()
+}
+
+// Stop ends the gossip started by Start.
+func (l *Limits) Stop() {
+	close(l.stop)
+	<-l.done
+}
+
+// maxCountPayload keeps each event under serf's user event limit (set to
+// 9 KiB by Node; the name and framing take the rest).
+const maxCountPayload = 8 * 1024
+
+// payloads encodes the counts to send now: every limited domain this node
+// holds connections to or wants, plus, once, those it stopped holding.
+// Format: version 1, sender, then entries of domain, conns (uvarint),
+// demand (byte); split into several events when large.
+func (l *Limits) payloads() [][]byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	var out [][]byte
+	var cur []byte
+	start := func() {
+		cur = append(cur[:0:0], 1)
+		cur = appendStr(cur, l.self)
+	}
+	sent := make(map[string]bool, len(l.sent))
+	for d, lc := range l.local {
+		demand := now.Sub(lc.wanted) < demandWindow
+		if lc.conns == 0 && !demand {
+			if !l.sent[d] {
+				delete(l.local, d)
+				continue
+			}
+		} else {
+			sent[d] = true
+		}
+		if cur == nil {
+			start()
+		}
+		cur = appendStr(cur, d)
+		cur = binary.AppendUvarint(cur, uint64(lc.conns))
+		if demand {
+			cur = append(cur, 1)
+		} else {
+			cur = append(cur, 0)
+		}
+		if len(cur) > maxCountPayload-300 {
+			out = append(out, cur)
+			cur = nil
+		}
+	}
+	if cur != nil {
+		out = append(out, cur)
+	}
+	l.sent = sent
+	return out
+}
+
+// HandleEvent merges another node's counts (the countEvent handler).
+func (l *Limits) HandleEvent(payload []byte) {
+	node, entries, err := decodeCounts(payload)
+	if err != nil || node == l.self {
+		return
+	}
+	now := l.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	m := l.peers[node]
+	if m == nil {
+		m = map[string]peerCount{}
+		l.peers[node] = m
+	}
+	for _, e := range entries {
+		m[e.domain] = peerCount{conns: e.conns, demand: e.demand, at: now}
+	}
+}
+
+// Forget drops the counts of a node that failed or left.
+func (l *Limits) Forget(node string) {
+	l.mu.Lock()
+	delete(l.peers, node)
+	l.mu.Unlock()
+}
+
+// ClusterHeld returns the connections the cluster holds to domain as this
+// node sees it (its own exact, the others' as last gossiped).
+func (l *Limits) ClusterHeld(domain string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	if lc := l.local[domain]; lc != nil {
+		n = lc.conns
+	}
+	stale := l.now().Add(-3 * l.interval)
+	for _, counts := range l.peers {
+		if c, ok := counts[domain]; ok && !c.at.Before(stale) {
+			n += c.conns
+		}
+	}
+	return n
+}
+
+type countEntry struct {
+	domain string
+	conns  int
+	demand bool
+}
+
+var errBadCounts = errors.New("cluster: malformed counts event")
+
+func decodeCounts(b []byte) (string, []countEntry, error) {
+	if len(b) < 1 || b[0] != 1 {
+		return "", nil, errBadCounts
+	}
+	b = b[1:]
+	node, b, ok := readStr(b)
+	if !ok {
+		return "", nil, errBadCounts
+	}
+	var out []countEntry
+	for len(b) > 0 {
+		var e countEntry
+		e.domain, b, ok = readStr(b)
+		if !ok {
+			return "", nil, errBadCounts
+		}
+		v, k := binary.Uvarint(b)
+		if k <= 0 || v > 1<<20 || len(b) < k+1 {
+			return "", nil, errBadCounts
+		}
+		e.conns, e.demand = int(v), b[k] == 1
+		b = b[k+1:]
+		out = append(out, e)
+	}
+	return node, out, nil
+}
+
+func appendStr(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func readStr(b []byte) (string, []byte, bool) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || n > uint64(len(b)-k) {
+		return "", nil, false
+	}
+	return string(b[k : k+int(n)]), b[k+int(n):], true
+}
