@@ -31,7 +31,9 @@ import (
 // report whose window covers a dropped minute says so (Report.Partial).
 //
 // Time: a record is counted in the minute of its Time. A record older
-// than the retention relative to the newest record seen is ignored.
+// than the retention relative to the newest record seen is ignored, so
+// record times must come from one clock (the scheduler's): a record far in
+// the future would expire everything and make the present look too old.
 type DomainStats struct {
 	opt    DomainStatsOptions
 	retMin int64 // retention in minutes
