@@ -59,6 +59,7 @@ type Service struct {
 
 	addrMu sync.Mutex
 	held   map[string][]func() // failed node → stops of its addresses held here
+	away   map[string]bool     // peers seen failed or gone, not yet back
 
 	takenOver  atomic.Int64
 	reconciled atomic.Int64
@@ -81,7 +82,7 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 	}
 	s := &Service{
 		cfg: node.Config(), opt: opt, log: opt.Logger, node: node,
-		kick: make(chan struct{}, 1), stop: make(chan struct{}), held: map[string][]func(){},
+		kick: make(chan struct{}, 1), stop: make(chan struct{}), held: map[string][]func(){}, away: map[string]bool{},
 	}
 	s.limits = NewLimits(cfg.NodeName, cfg.DomainLimits, cfg.CountInterval,
 		func() int { return len(node.Alive()) },
@@ -144,10 +145,19 @@ func (s *Service) memberChange(ch MemberChange) {
 		case "failed", "left":
 			s.limits.Forget(m.Name)
 			s.repl.forget(m.Name)
+			s.addrMu.Lock()
+			s.away[m.Name] = true
+			s.addrMu.Unlock()
 		case "alive":
-			// A peer came back (restart or healed partition): tell it
-			// what we took over (it asks), and stop answering for it.
-			go s.reconcileWith(m)
+			// A peer seen failed is back (it restarted, or a partition
+			// healed): ask it what of ours it took over meanwhile.
+			s.addrMu.Lock()
+			back := s.away[m.Name]
+			delete(s.away, m.Name)
+			s.addrMu.Unlock()
+			if back {
+				go s.reconcileWith(m)
+			}
 		}
 	}
 	select {
@@ -225,6 +235,7 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		left     = len(holders)
 		ok       int
 		finished bool
+		timer    *time.Timer
 	)
 	finish := func(err error) {
 		mu.Lock()
@@ -241,6 +252,9 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 			return
 		}
 		finished = true
+		if timer != nil {
+			timer.Stop()
+		}
 		mu.Unlock()
 		s.repl.replicated.Add(int64(ok))
 		if ok < want {
@@ -252,7 +266,8 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		}
 		done(nil)
 	}
-	timer := time.AfterFunc(s.cfg.ReplicationTimeout, func() {
+	mu.Lock()
+	timer = time.AfterFunc(s.cfg.ReplicationTimeout, func() {
 		mu.Lock()
 		if finished {
 			mu.Unlock()
@@ -269,6 +284,7 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		}
 		done(nil)
 	})
+	mu.Unlock()
 	for _, h := range holders {
 		p := s.repl.peer(members[h])
 		if err := p.send(frameReplicate, payload, true, func(err error) {
@@ -280,7 +296,6 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 			finish(err)
 		}
 	}
-	_ = timer
 }
 
 // Recorded forwards a delivery outcome to the holders of msg's copies

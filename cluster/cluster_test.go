@@ -1,0 +1,263 @@
+package cluster
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+	"context"
+	"fmt"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// freePort returns a port free for both TCP and UDP on host, with the
+// next port free for TCP too (replication listens on gossip port + 1).
+func freePort(t *testing.T, host string) int {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		l, err := net.Listen("tcp", host+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if p > 65000 {
+			continue
+		}
+		u, err := net.ListenPacket("udp", fmt.Sprintf("%s:%d", host, p))
+		if err != nil {
+			continue
+		}
+		u.Close()
+		l2, err := net.Listen("tcp", fmt.Sprintf("%s:%d", host, p+1))
+		if err != nil {
+			continue
+		}
+		l2.Close()
+		return p
+	}
+	t.Fatal("no free port")
+	return 0
+}
+
+type testNode struct {
+	name  string
+	dir   string
+	cfg   Config
+	store *spool.Store
+	svc   *Service
+}
+
+func startNode(t *testing.T, name, dir string, bind string, join []string, limits map[string]int) *testNode {
+	t.Helper()
+	cfg := Config{Bind: bind, Join: join, NodeName: name, DomainLimits: limits, ProbeInterval: 100 * time.Millisecond,
+		ReconcileTimeout: 3 * time.Second, CountInterval: 100 * time.Millisecond}
+	cfg.EnsureDefaults(name)
+	scfg := spool.DefaultConfig()
+	scfg.Dir = filepath.Join(dir, "spool")
+	scfg.NodeID = uint16(cfg.NodeID)
+	st, err := spool.Open(scfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rcfg := spool.DefaultConfig()
+	rcfg.Dir = filepath.Join(dir, "replicas")
+	svc, err := NewService(cfg, ServiceOptions{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})), Store: st, ReplicaSpool: rcfg, StateDir: filepath.Join(dir, "cluster"),
+		SMTP: []string{"127.0.0.1:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return &testNode{name: name, dir: dir, cfg: cfg, store: st, svc: svc}
+}
+
+func (n *testNode) close(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := n.svc.Close(ctx); err != nil {
+		t.Logf("close %s: %v", n.name, err)
+	}
+	n.store.Close()
+}
+
+// kill stops the node without leaving: the others see it fail.
+func (n *testNode) kill() {
+	n.svc.node.Kill()
+	close(n.svc.stop)
+	n.svc.wg.Wait()
+	n.svc.limits.Stop()
+	n.svc.repl.closeAll()
+	n.svc.hold.close()
+	n.svc.replicas.Close()
+	n.svc.taken.close()
+	n.store.Close()
+}
+
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func accept(t *testing.T, n *testNode, rcpts ...string) *spool.Message {
+	t.Helper()
+	msg := &spool.Message{ID: n.store.NewID(), From: "s@example.test"}
+	for _, r := range rcpts {
+		msg.Rcpts = append(msg.Rcpts, spool.Recipient{Addr: r})
+	}
+	body := []byte("Subject: t\r\n\r\nhello\r\n")
+	errc := make(chan error, 1)
+	n.svc.Replicate(msg, body, func(err error) { errc <- err })
+	if err := n.store.CommitWait(msg, body); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	return msg
+}
+
+func TestReplicationTakeoverReconcile(t *testing.T) {
+	hosts := []string{"127.0.0.1", "127.0.0.1", "127.0.0.1"}
+	var binds []string
+	for _, h := range hosts {
+		binds = append(binds, fmt.Sprintf("%s:%d", h, freePort(t, h)))
+	}
+	root := t.TempDir()
+	a := startNode(t, "a", filepath.Join(root, "a"), binds[0], nil, nil)
+	b := startNode(t, "b", filepath.Join(root, "b"), binds[1], binds[:1], nil)
+	c := startNode(t, "c", filepath.Join(root, "c"), binds[2], binds[:1], nil)
+	defer b.close(t)
+	defer c.close(t)
+	waitFor(t, "3 members", 10*time.Second, func() bool {
+		return len(a.svc.node.Alive()) == 3 && len(b.svc.node.Alive()) == 3 && len(c.svc.node.Alive()) == 3
+	})
+
+	// Replicated, then finished: the holder drops its copy.
+	m1 := accept(t, a, "x@one.test")
+	if len(m1.Peers) != 2 || m1.Peers[0] != "a" {
+		t.Fatalf("peers = %q", m1.Peers)
+	}
+	holder := map[string]*testNode{"b": b, "c": c}[m1.Peers[1]]
+	if _, err := holder.svc.replicas.Load(m1.ID); err != nil {
+		t.Fatalf("copy on %s: %v", holder.name, err)
+	}
+	up := []spool.Recipient{{Index: 0, State: spool.Delivered, Attempts: 1, LastReply: "250 ok"}}
+	removed, err := a.store.Update(m1.ID, up)
+	if err != nil || !removed {
+		t.Fatalf("update: %v %v", removed, err)
+	}
+	a.svc.Recorded(m1, up, true)
+	waitFor(t, "copy dropped", 5*time.Second, func() bool {
+		_, err := holder.svc.replicas.Load(m1.ID)
+		return errors.Is(err, spool.ErrNotFound)
+	})
+
+	// Several messages, one recipient of one already delivered; then a dies.
+	var msgs []*spool.Message
+	for i := 0; i < 20; i++ {
+		msgs = append(msgs, accept(t, a, fmt.Sprintf("r%d@two.test", i), fmt.Sprintf("q%d@three.test", i)))
+	}
+	up = []spool.Recipient{{Index: 0, State: spool.Delivered, Attempts: 1, LastReply: "250 ok"}}
+	if _, err := a.store.Update(msgs[0].ID, up); err != nil {
+		t.Fatal(err)
+	}
+	a.svc.Recorded(msgs[0], up, false)
+	time.Sleep(200 * time.Millisecond)
+	a.kill()
+
+	// Every message is now queued on exactly one survivor, with only its
+	// pending recipients.
+	waitFor(t, "takeover", 15*time.Second, func() bool {
+		return b.store.Stats().Messages+c.store.Stats().Messages == 20
+	})
+	for _, m := range msgs {
+		var found []string
+		for _, n := range []*testNode{b, c} {
+			if got, err := n.store.Load(m.ID); err == nil {
+				found = append(found, n.name)
+				want := 2
+				if m.ID == msgs[0].ID {
+					want = 1
+				}
+				if len(got.Rcpts) != want {
+					t.Errorf("%s on %s has %d recipients, want %d", m.ID, n.name, len(got.Rcpts), want)
+				}
+			}
+		}
+		if len(found) != 1 {
+			t.Errorf("%s queued on %v", m.ID, found)
+		}
+	}
+	if n := b.svc.replicas.Stats().Messages + c.svc.replicas.Stats().Messages; n != 0 {
+		t.Errorf("%d copies left in replica stores after takeover", n)
+	}
+
+	// a returns with its disk: it drops what the others took over.
+	a2 := startNode(t, "a", a.dir, binds[0], binds[1:2], nil)
+	defer a2.close(t)
+	if n := a2.svc.Reconcile(); n != 20 {
+		t.Errorf("reconcile dropped %d, want 20", n)
+	}
+	if n := a2.store.Stats().Messages; n != 0 {
+		t.Errorf("%d messages left on the returning node", n)
+	}
+}
+
+func TestLimitsShareAndBorrow(t *testing.T) {
+	alive := 2
+	a := NewLimits("a", map[string]int{"big.test": 10}, 100*time.Millisecond, func() int { return alive }, func([]byte) error { return nil })
+	b := NewLimits("b", map[string]int{"big.test": 10}, 100*time.Millisecond, func() int { return alive }, func([]byte) error { return nil })
+	gossip := func() {
+		for _, p := range a.payloads() {
+			b.HandleEvent(p)
+		}
+		for _, p := range b.payloads() {
+			a.HandleEvent(p)
+		}
+	}
+	if _, ok := a.Allowance("other.test"); ok {
+		t.Fatal("unlimited domain reported as limited")
+	}
+	// a alone wants the domain: it may borrow everything.
+	n, _ := a.Allowance("big.test")
+	if n != 10 {
+		t.Fatalf("alone: allowance %d, want 10", n)
+	}
+	for i := 0; i < 10; i++ {
+		a.Opened("big.test")
+	}
+	gossip()
+	// b now wants it: its view of a is 10 held → 0 for b until a gives back.
+	if n, _ := b.Allowance("big.test"); n != 0 {
+		t.Fatalf("b while a holds 10: %d", n)
+	}
+	gossip()
+	// a sees b's demand: a's allowance drops to its share.
+	if n, _ := a.Allowance("big.test"); n != 5 {
+		t.Fatalf("a after b's demand: %d, want 5", n)
+	}
+	for i := 0; i < 5; i++ {
+		a.Closed("big.test")
+	}
+	gossip()
+	if n, _ := b.Allowance("big.test"); n != 5 {
+		t.Fatalf("b after a gave back: %d, want 5", n)
+	}
+	// Failed node's counts are forgotten.
+	b.Forget("a")
+	if n, _ := b.Allowance("big.test"); n != 10 {
+		t.Fatalf("b after a failed: %d, want 10", n)
+	}
+}
