@@ -1,12 +1,12 @@
 package cluster
 
 import (
-	"errors"
-	"log/slog"
-	"os"
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -217,8 +217,12 @@ func TestReplicationTakeoverReconcile(t *testing.T) {
 
 func TestLimitsShareAndBorrow(t *testing.T) {
 	alive := 2
-	a := NewLimits("a", map[string]int{"big.test": 10}, 100*time.Millisecond, func() int { return alive }, func([]byte) error { return nil })
-	b := NewLimits("b", map[string]int{"big.test": 10}, 100*time.Millisecond, func() int { return alive }, func([]byte) error { return nil })
+	iv := 100 * time.Millisecond
+	now := time.Unix(1e9, 0)
+	clock := func() time.Time { return now }
+	a := NewLimits("a", map[string]int{"big.test": 10}, iv, func() int { return alive }, func([]byte) error { return nil })
+	b := NewLimits("b", map[string]int{"big.test": 10}, iv, func() int { return alive }, func([]byte) error { return nil })
+	a.now, b.now = clock, clock
 	gossip := func() {
 		for _, p := range a.payloads() {
 			b.HandleEvent(p)
@@ -227,37 +231,61 @@ func TestLimitsShareAndBorrow(t *testing.T) {
 			a.HandleEvent(p)
 		}
 	}
+	allow := func(l *Limits) int {
+		n, ok := l.Allowance("big.test")
+		if !ok {
+			t.Fatal("limited domain reported as unlimited")
+		}
+		return n
+	}
 	if _, ok := a.Allowance("other.test"); ok {
 		t.Fatal("unlimited domain reported as limited")
 	}
-	// a alone wants the domain: it may borrow everything.
-	n, _ := a.Allowance("big.test")
-	if n != 10 {
-		t.Fatalf("alone: allowance %d, want 10", n)
+	// Nothing heard from b yet: a takes its share only.
+	if n := allow(a); n != 5 {
+		t.Fatalf("a, b unheard: %d, want 5", n)
+	}
+	gossip() // b wants nothing
+	if n := allow(a); n != 5 {
+		t.Fatalf("a, demand still new: %d, want 5", n)
+	}
+	now = now.Add(3 * iv)
+	gossip()
+	if n := allow(a); n != 10 {
+		t.Fatalf("a borrowing b's unused share: %d, want 10", n)
 	}
 	for i := 0; i < 10; i++ {
 		a.Opened("big.test")
 	}
 	gossip()
-	// b now wants it: its view of a is 10 held → 0 for b until a gives back.
-	if n, _ := b.Allowance("big.test"); n != 0 {
+	// b starts wanting: a holds everything, b gets nothing until a gives back.
+	if n := allow(b); n != 0 {
 		t.Fatalf("b while a holds 10: %d", n)
 	}
+	if got := b.ClusterHeld("big.test"); got != 10 {
+		t.Fatalf("b sees %d held cluster-wide, want 10", got)
+	}
+	now = now.Add(iv)
 	gossip()
-	// a sees b's demand: a's allowance drops to its share.
-	if n, _ := a.Allowance("big.test"); n != 5 {
+	// a hears b's demand: a's allowance drops to its share.
+	if n := allow(a); n != 5 {
 		t.Fatalf("a after b's demand: %d, want 5", n)
 	}
 	for i := 0; i < 5; i++ {
 		a.Closed("big.test")
 	}
+	now = now.Add(2 * iv)
 	gossip()
-	if n, _ := b.Allowance("big.test"); n != 5 {
+	if n := allow(b); n != 5 {
 		t.Fatalf("b after a gave back: %d, want 5", n)
 	}
-	// Failed node's counts are forgotten.
+	// A failed node's counts are forgotten.
+	alive = 1
 	b.Forget("a")
-	if n, _ := b.Allowance("big.test"); n != 10 {
+	if n := allow(b); n != 10 {
 		t.Fatalf("b after a failed: %d, want 10", n)
 	}
+	// Malformed events are ignored.
+	b.HandleEvent([]byte{1, 200})
+	b.HandleEvent(nil)
 }

@@ -14,25 +14,26 @@ import (
 // Rule. With L the cluster limit of a domain and N the alive nodes, each
 // node has a fair share S = L/N. A node may hold
 //
-//	L − Σ over the other nodes of (their count, raised to S if they want
-//	connections to the domain)
+//	L − Σ over the other alive nodes of: their gossiped count, raised to
+//	S if they want the domain; S for a node not heard from lately
 //
-// so a node that wants connections always gets its share, and unused
-// shares are borrowed. A node wants a domain when it holds connections to
-// it or asked for its allowance within the last demandWindow. Counts
-// older than 3 × CountInterval (and all counts of a failed or departed
-// node) are dropped.
+// so a node that wants connections always gets its share, and shares
+// that others report unused are borrowed. A node wants a domain when it
+// asked for its allowance within the last demandWindow. While its own
+// demand is newer than 2.5 × CountInterval (the others may not know it
+// yet and may be borrowing its share), a node takes at most S. Each node
+// gossips every limited domain every CountInterval; counts older than
+// 3 × CountInterval, and all counts of a failed or departed node, are
+// dropped.
 //
-// Overshoot. Counts travel by gossip: a node learns of another's demand
-// up to one CountInterval plus the gossip delay late. Until then a
-// borrower may hold up to the newcomer's share more than the rule allows;
-// borrowers give connections back as soon as they finish their current
-// batch (the scheduler closes connections over the allowance). So the
-// cluster exceeds L by at most one fair share per node that starts
-// wanting the domain, for at most CountInterval + gossip delay + one batch
-// (docs/CLUSTER.md has the measured figures). When L < N, shares are 0
-// and nodes that start at the same time may together open up to N−1 more
-// than L before they see each other.
+// Overshoot. A borrower learns of a new demand up to CountInterval plus
+// the gossip delay late, and gives connections back as each finishes its
+// current batch (the scheduler closes connections over the allowance).
+// Meanwhile the newcomer holds its share: the cluster exceeds L by at
+// most S per node whose demand is new, for at most CountInterval + gossip
+// delay + one batch. When L < N, S is 0 and nodes that start wanting at
+// the same moment may together open up to N−1 more than L before they
+// see each other. docs/CLUSTER.md has the measured figures.
 type Limits struct {
 	self     string
 	interval time.Duration
@@ -44,15 +45,15 @@ type Limits struct {
 	limits map[string]int
 	local  map[string]*localCount
 	peers  map[string]map[string]peerCount // node → domain → count
-	sent   map[string]bool                 // domains in the last message (send zeros once)
 
 	stop chan struct{}
 	done chan struct{}
 }
 
 type localCount struct {
-	conns  int
-	wanted time.Time
+	conns      int
+	wanted     time.Time // last allowance request
+	wantedFrom time.Time // start of the current run of requests
 }
 
 type peerCount struct {
@@ -73,8 +74,8 @@ func NewLimits(self string, limits map[string]int, interval time.Duration, alive
 	l := &Limits{
 		self: self, interval: interval, now: time.Now, alive: alive, send: send,
 		limits: map[string]int{}, local: map[string]*localCount{},
-		peers: map[string]map[string]peerCount{}, sent: map[string]bool{},
-		stop: make(chan struct{}), done: make(chan struct{}),
+		peers: map[string]map[string]peerCount{},
+		stop:  make(chan struct{}), done: make(chan struct{}),
 	}
 	l.SetLimits(limits)
 	return l
@@ -104,23 +105,35 @@ func (l *Limits) Allowance(domain string) (int, bool) {
 		lc = &localCount{}
 		l.local[domain] = lc
 	}
+	if lc.wantedFrom.IsZero() || now.Sub(lc.wanted) >= demandWindow {
+		lc.wantedFrom = now
+	}
 	lc.wanted = now
 	n := max(l.alive(), 1)
 	share := limit / n
-	others := 0
+	others, heard := 0, 0
 	stale := now.Add(-3 * l.interval)
 	for _, counts := range l.peers {
 		c, ok := counts[domain]
 		if !ok || c.at.Before(stale) {
 			continue
 		}
+		heard++
 		held := c.conns
 		if c.demand && held < share {
 			held = share
 		}
 		others += held
 	}
-	return max(limit-others, 0), true
+	// Alive nodes not heard from lately may want their share.
+	others += max(n-1-heard, 0) * share
+	allowed := max(limit-others, 0)
+	if now.Sub(lc.wantedFrom) < 2*l.interval+l.interval/2 {
+		// Our demand is new: the others have not seen it yet and may be
+		// borrowing our share. Take at most the share until they have.
+		allowed = min(allowed, max(share, lc.conns))
+	}
+	return allowed, true
 }
 
 // Opened implements engine.ConnLimits.
@@ -186,10 +199,9 @@ func (l *Limits) Stop() {
 // 9 KiB by Node; the name and framing take the rest).
 const maxCountPayload = 8 * 1024
 
-// payloads encodes the counts to send now: every limited domain this node
-// holds connections to or wants, plus, once, those it stopped holding.
-// Format: version 1, sender, then entries of domain, conns (uvarint),
-// demand (byte); split into several events when large.
+// payloads encodes this node's count and demand for every limited
+// domain. Format: version 1, sender, then entries of domain, conns
+// (uvarint), demand (byte); split into several events when large.
 func (l *Limits) payloads() [][]byte {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -200,22 +212,17 @@ func (l *Limits) payloads() [][]byte {
 		cur = append(cur[:0:0], 1)
 		cur = appendStr(cur, l.self)
 	}
-	sent := make(map[string]bool, len(l.sent))
-	for d, lc := range l.local {
-		demand := now.Sub(lc.wanted) < demandWindow
-		if lc.conns == 0 && !demand {
-			if !l.sent[d] {
-				delete(l.local, d)
-				continue
-			}
-		} else {
-			sent[d] = true
+	for d := range l.limits {
+		demand, conns := false, 0
+		if lc := l.local[d]; lc != nil {
+			demand = now.Sub(lc.wanted) < demandWindow
+			conns = lc.conns
 		}
 		if cur == nil {
 			start()
 		}
 		cur = appendStr(cur, d)
-		cur = binary.AppendUvarint(cur, uint64(lc.conns))
+		cur = binary.AppendUvarint(cur, uint64(conns))
 		if demand {
 			cur = append(cur, 1)
 		} else {
@@ -229,7 +236,6 @@ func (l *Limits) payloads() [][]byte {
 	if cur != nil {
 		out = append(out, cur)
 	}
-	l.sent = sent
 	return out
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/hermod-mta/hermod/cluster"
 	"github.com/hermod-mta/hermod/dnscache"
 	"github.com/hermod-mta/hermod/engine"
 	"github.com/hermod-mta/hermod/netio"
@@ -27,6 +28,7 @@ type Config struct {
 	Delivery engine.DeliveryConfig `toml:"delivery"`
 	HTTP     HTTPSection           `toml:"http"`
 	Log      LogSection            `toml:"log"`
+	Cluster  cluster.Config        `toml:"cluster"`
 }
 
 // ServerSection is the [server] table.
@@ -101,6 +103,10 @@ func (c *Config) EnsureDefaults() {
 	if c.Log.DeliveryLog == "" {
 		c.Log.DeliveryLog = "data/delivery.log"
 	}
+	if c.Cluster.Enabled() {
+		c.Cluster.EnsureDefaults(c.Server.Hostname)
+		c.Spool.NodeID = uint16(c.Cluster.NodeID)
+	}
 }
 
 // Validate reports every invalid key at once.
@@ -111,6 +117,7 @@ func (c Config) Validate() error {
 		c.Spool.Validate(),
 		c.DNS.Validate(),
 		c.Delivery.Validate(),
+		c.Cluster.Validate(),
 	}
 	if c.HTTP.Listen != "off" {
 		if _, err := netip.ParseAddrPort(c.HTTP.Listen); err != nil {

@@ -6,6 +6,8 @@
 //	hermod queue show ID [-http ADDR | -spool DIR]
 //	hermod queue flush [ID] [-http ADDR]
 //	hermod queue delete ID [-http ADDR]
+//	hermod stats [-http ADDR] [-minutes N | -hours N] [-domain D] [-top N]
+//	hermod cluster members|stats [-http ADDR]
 //	hermod version
 package main
 
@@ -40,6 +42,10 @@ commands:
                 make queued mail due now (all, or one message) and lift destination backoffs
   queue delete ID
                 remove a message from the queue (no bounce)
+  stats         deliverability per destination domain (-http ADDR, -minutes N | -hours N, -domain D, -top N, -json)
+  cluster members
+                the cluster's nodes as this node sees them (-http ADDR)
+  cluster stats deliverability per domain for the whole cluster (-http ADDR, -minutes N | -hours N, -domain D, -top N)
   version       print the version
 `
 
@@ -56,6 +62,10 @@ func main() {
 		err = cmdCheckConfig(os.Args[2:])
 	case "queue":
 		err = cmdQueue(os.Args[2:])
+	case "stats":
+		err = cmdStats(os.Args[2:])
+	case "cluster":
+		err = cmdCluster(os.Args[2:])
 	case "version", "-version", "--version":
 		fmt.Println("hermod", version)
 	case "help", "-h", "-help", "--help":

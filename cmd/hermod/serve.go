@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/hermod-mta/hermod/cluster"
 	"github.com/hermod-mta/hermod/dnscache"
 	"github.com/hermod-mta/hermod/engine"
 	"github.com/hermod-mta/hermod/netio"
@@ -64,6 +65,8 @@ type daemonState struct {
 	cfg     atomic.Pointer[Config]
 
 	store    *spool.Store
+	stats    *engine.DomainStats
+	cluster  *cluster.Service
 	receiver *engine.Receiver
 	sched    *engine.Scheduler
 	server   *netio.Server
@@ -121,13 +124,33 @@ func (d *daemonState) run(cfg Config) error {
 		return err
 	}
 	defer resolver.Close()
-	sched, err := engine.NewScheduler(cfg.Delivery, engine.SchedulerOptions{
+	schedOpt := engine.SchedulerOptions{
 		Store:    store,
 		Resolver: resolver,
 		Hostname: cfg.Server.Hostname,
 		Logger:   log.With("component", "scheduler"),
 		Log:      elog,
-	})
+	}
+	d.stats = engine.NewDomainStats(engine.DomainStatsOptions{})
+	schedOpt.Observe = d.stats.Observe
+	var recv *engine.Receiver // set below; takeover listeners serve it
+	if cfg.Cluster.Enabled() {
+		svc, err := d.startCluster(cfg, store, func() netio.Backend { return recv })
+		if err != nil {
+			return err
+		}
+		d.cluster = svc
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := svc.Close(ctx); err != nil {
+				log.Error("leaving the cluster", "err", err)
+			}
+		}()
+		schedOpt.Limits = svc.Limits()
+		schedOpt.Recorded = svc.Recorded
+	}
+	sched, err := engine.NewScheduler(cfg.Delivery, schedOpt)
 	if err != nil {
 		return err
 	}
@@ -141,13 +164,17 @@ func (d *daemonState) run(cfg Config) error {
 		}
 	}()
 
-	recv, err := engine.NewReceiver(cfg.SMTP.RelayConfig, engine.ReceiverOptions{
+	recvOpt := engine.ReceiverOptions{
 		Hostname: cfg.Server.Hostname,
 		Store:    store,
 		Logger:   log.With("component", "receiver"),
 		Log:      elog,
 		Accepted: sched.Enqueue,
-	})
+	}
+	if d.cluster != nil {
+		recvOpt.Replicate = d.cluster.Replicate
+	}
+	recv, err = engine.NewReceiver(cfg.SMTP.RelayConfig, recvOpt)
 	if err != nil {
 		return err
 	}
@@ -185,10 +212,25 @@ func (d *daemonState) run(cfg Config) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve() }()
-	select {
-	case <-srv.Ready():
-	case err := <-serveErr:
-		return err
+	// In a cluster a peer may still answer on our address (it took it
+	// over while we were down) until it sees us alive: retry for a while.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		select {
+		case <-srv.Ready():
+		case err := <-serveErr:
+			if d.cluster == nil || time.Now().After(deadline) {
+				return err
+			}
+			log.Warn("SMTP address busy (a peer may hold it); retrying", "err", err)
+			time.Sleep(500 * time.Millisecond)
+			if srv, err = netio.NewServer(cfg.SMTP.ServerConfig, recv, tlsCfg, log.With("component", "smtp")); err != nil {
+				return err
+			}
+			d.server = srv
+			go func() { serveErr <- srv.Serve() }()
+			continue
+		}
+		break
 	}
 	d.healthy.Store(true)
 	log.Info("hermod ready", "smtp", cfg.SMTP.Listen, "http", cfg.HTTP.Listen, "hostname", cfg.Server.Hostname)
@@ -392,6 +434,8 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 			"scheduler": d.sched.Metrics(),
 		})
 	})
+	mux.HandleFunc("GET /api/stats/domains", statsDomainsHandler(d.stats, time.Now))
+	d.clusterRoutes(mux)
 	// Top-N destinations (Postfix's qshape, live): busiest first.
 	mux.HandleFunc("GET /api/domains", func(w http.ResponseWriter, r *http.Request) {
 		n := 20
