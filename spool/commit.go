@@ -21,6 +21,8 @@ type writeReq struct {
 	delta int64 // change of the message count once durable
 	due   int64 // due value of a due entry the write Sets; noDue if none
 	done  func(error)
+	// centry is the commit's entry in the recipient cache, if any.
+	centry *rcacheEntry
 
 	finished atomic.Bool
 }
@@ -56,11 +58,22 @@ func (s *Store) finish(r *writeReq, err error) bool {
 // work is a commit worker: it takes one queued write, adds whatever else is
 // queued (up to maxGroupReqs / maxGroupBytes), and writes the group as one
 // synced pebble batch, leaving the wait for its fsync to the syncer.
-// Pebble's WAL writer makes one fsync cover every batch written while the
-// previous fsync ran (group commit).
+//
+// A worker takes writes off the queue only while it holds the gate, which
+// the syncer hands back once the previous group's fsync is done: so the
+// writes that arrive during one fsync form one group, one pebble batch and
+// one WAL write for the next fsync, instead of one small batch each (every
+// batch costs a commit-pipeline pass, a WAL write(2) and a hand-off to the
+// syncer, for the same fsync).
 func (s *Store) work(w *worker) {
 	defer s.wg.Done()
-	for r := range s.queue {
+	for {
+		<-s.gate
+		r, open := <-s.queue
+		if !open {
+			s.gate <- struct{}{}
+			return
+		}
 		group := append(w.group[:0], r)
 		n := r.size()
 	gather:
@@ -76,13 +89,17 @@ func (s *Store) work(w *worker) {
 				break gather
 			}
 		}
-		s.commitGroup(w, group)
+		if !s.commitGroup(w, group) {
+			s.gate <- struct{}{}
+		}
 		clear(group)
 		w.group = group[:0]
 	}
 }
 
-func (s *Store) commitGroup(w *worker, group []*writeReq) {
+// commitGroup writes group; it reports whether the syncer took the group
+// (and with it the gate).
+func (s *Store) commitGroup(w *worker, group []*writeReq) bool {
 	w.mu.Lock()
 	w.cur = group
 	w.mu.Unlock()
@@ -95,7 +112,7 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) {
 		for _, r := range group {
 			s.finish(r, err)
 		}
-		return
+		return false
 	}
 	b := s.db.NewBatch()
 	ok := w.ok[:0]
@@ -113,7 +130,7 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) {
 		ok = append(ok, r)
 	}
 	if len(ok) == 0 {
-		return
+		return false
 	}
 	s.commitBatches.Add(1)
 	reqs := ok
@@ -125,18 +142,19 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) {
 		err := s.apply(b, false)
 		s.lowerFloor(reqs)
 		s.complete(b, reqs, err)
-		return
+		return false
 	}
 	// Write the group to the WAL and the memtable without waiting for the
-	// fsync; the syncer waits for it and completes the group. Every group
-	// written while one fsync runs is covered by the next one.
+	// fsync; the syncer waits for it, completes the group and opens the
+	// gate for the next one.
 	err := s.apply(b, true)
 	s.lowerFloor(reqs)
 	if err != nil {
 		s.complete(b, reqs, err)
-		return
+		return false
 	}
 	s.syncQ <- syncItem{b: b, reqs: slices.Clone(reqs)}
+	return true
 }
 
 // syncItem is a group written to the WAL whose fsync the syncer awaits.
@@ -155,6 +173,7 @@ func (s *Store) syncLoop() {
 			// The WAL writer is dead after a write or sync error.
 			err = s.fail(fmt.Errorf("pebble WAL sync: %w", err))
 		}
+		s.gate <- struct{}{}
 		s.complete(it.b, it.reqs, err)
 	}
 }
@@ -183,6 +202,9 @@ func (s *Store) complete(b *pebble.Batch, reqs []*writeReq, err error) {
 			if r.msg != nil {
 				s.commits.Add(1)
 			}
+		}
+		if r.centry != nil {
+			s.rcache.settle(r.msg.ID, r.centry, err == nil)
 		}
 		s.finish(r, err)
 	}
@@ -267,6 +289,7 @@ func (s *Store) encodeCommit(w *worker, b *pebble.Batch, r *writeReq) error {
 	w.key = dueKey(w.key[:0], due, m.ID)
 	_ = b.Set(w.key, nil, nil)
 	r.due = due
+	r.centry = s.rcache.add(m.ID, m.Rcpts)
 	return nil
 }
 
@@ -395,6 +418,10 @@ func earliestPending(rcpts []Recipient) (due int64, ok bool) {
 // NextAttempt of the pending recipients; when none is pending the whole
 // message is removed and removed is true.
 //
+// The recipient records are those of the recipient cache when the message
+// was committed by this process and not yet deferred (see rcptCache), else
+// read from pebble.
+//
 // The write is synced and grouped with concurrent Updates and Commits;
 // Update returns once it is durable. Calls for different IDs may run
 // concurrently from many goroutines; calls for one ID are serialized.
@@ -484,9 +511,12 @@ func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed 
 	l.Lock()
 	defer l.Unlock()
 
-	rcpts, err := s.readRcpts(id)
-	if err != nil {
-		return false, err
+	// Taken out of the cache: an error below leaves the message uncached.
+	rcpts := s.rcache.take(id)
+	if rcpts == nil {
+		if rcpts, err = s.readRcpts(id); err != nil {
+			return false, err
+		}
 	}
 	if len(rcpts) == 0 {
 		return false, fmt.Errorf("%w: %s", ErrNotFound, id)
@@ -529,6 +559,8 @@ func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed 
 	}
 	if !pending {
 		s.removals.Add(1)
+	} else {
+		s.rcache.put(id, rcpts, s.clock())
 	}
 	return !pending, nil
 }

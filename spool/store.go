@@ -70,7 +70,10 @@ type Store struct {
 	wg            sync.WaitGroup
 	maxGroupBytes int
 	syncQ         chan syncItem
-	syncWG        sync.WaitGroup
+	// gate holds one token: the right to form and write the next group
+	// (see work).
+	gate   chan struct{}
+	syncWG sync.WaitGroup
 
 	failErr  atomic.Pointer[error]
 	failedCh chan struct{}
@@ -81,6 +84,7 @@ type Store struct {
 
 	idLocks [idLockStripes]sync.Mutex
 	floor   dueFloor
+	rcache  rcptCache
 
 	messages      atomic.Int64
 	diskBytes     atomic.Uint64
@@ -124,6 +128,7 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		drained: make(chan struct{}),
 		queue:   make(chan *writeReq, cfg.CommitQueue),
 		syncQ:   make(chan syncItem, 1024),
+		gate:    make(chan struct{}, 1),
 
 		closeTimeout: 5 * time.Second,
 		failedCh:     make(chan struct{}),
@@ -144,6 +149,7 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		s.workers[i] = &worker{}
 	}
 	s.maxGroupBytes = min(maxGroupBytes, int(cfg.MemTableSize/4))
+	s.gate <- struct{}{}
 	queue := s.queue
 	defer func() {
 		// pebble reports some open failures through Logger.Fatalf.
@@ -636,8 +642,12 @@ func (s *Store) Walk(fn func(*Message) bool) error {
 
 // lockID returns the mutex serializing read-modify-write calls on id.
 func (s *Store) lockID(id ID) *sync.Mutex {
-	h := binary.BigEndian.Uint32(id[4:8]) ^ uint32(binary.BigEndian.Uint16(id[8:]))*0x9e3779b1
-	return &s.idLocks[h%idLockStripes]
+	return &s.idLocks[idHash(id)%idLockStripes]
+}
+
+// idHash spreads IDs (time-ordered) over lock stripes and cache shards.
+func idHash(id ID) uint32 {
+	return binary.BigEndian.Uint32(id[4:8]) ^ uint32(binary.BigEndian.Uint16(id[8:]))*0x9e3779b1
 }
 
 func firstErr(errs ...error) error {
