@@ -2,7 +2,6 @@ package engine
 
 import (
 	"errors"
-	"fmt"
 	"net/netip"
 	"time"
 
@@ -295,7 +294,7 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 				Time: now.UTC(), Event: events[k], MsgID: msg.ID.String(), Rcpt: msg.Rcpts[i].Addr, Domain: j.d.name,
 				MX: dv.mx, IP: dv.ip, Reply: r.LastReply, TLS: dv.tls, Attempt: r.Attempts,
 				NextAttempt: nextAttempt(r), Delay: now.Sub(msg.Received).Seconds(),
-				Delays: fmt.Sprintf("%.3f/%.3f/%.3f/%.3f", dv.queue.Seconds(), dv.dns.Seconds(), dv.con.Seconds(), dv.xmit.Seconds()),
+				Delays: FormatDelays(dv.queue, dv.dns, dv.con, dv.xmit),
 			}
 			s.observe(&rec)
 		}

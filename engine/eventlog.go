@@ -3,7 +3,9 @@ package engine
 import (
 	"encoding/json"
 	"io"
+	"math"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -93,14 +95,19 @@ func (l *EventLog) Close() error {
 	return nil
 }
 
-func (l *EventLog) write(v any) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return
-	}
+// write appends one line, encoded by enc straight into the buffer (no
+// intermediate allocation). A record enc cannot encode (ok false: a NaN or
+// infinite number, as encoding/json refuses too) is dropped.
+func (l *EventLog) write(enc func([]byte) ([]byte, bool)) {
 	l.mu.Lock()
 	if !l.closed {
-		l.buf = append(append(l.buf, b...), '\n')
+		n := len(l.buf)
+		b, ok := enc(l.buf)
+		if ok {
+			l.buf = append(b, '\n')
+		} else {
+			l.buf = b[:n]
+		}
 		if len(l.buf) >= flushSize {
 			l.flushLocked()
 		}
@@ -124,10 +131,38 @@ type ReceivedRecord struct {
 
 // Received logs one accepted message.
 func (l *EventLog) Received(m *spool.Message, size int, tls bool, commit time.Duration) {
-	l.write(ReceivedRecord{
+	r := ReceivedRecord{
 		Time: time.Now().UTC(), Event: "received", MsgID: m.ID.String(), From: m.From, Rcpts: len(m.Rcpts),
 		Size: size, ClientIP: m.ClientIP, Helo: m.Helo, TLS: tls, CommitMS: float64(commit.Microseconds()) / 1000,
-	})
+	}
+	l.write(r.appendJSON)
+}
+
+// appendJSON appends r as encoding/json would marshal it; ok is false when
+// it would fail.
+func (r *ReceivedRecord) appendJSON(b []byte) ([]byte, bool) {
+	ok := true
+	b = append(b, `{"time":`...)
+	b = appendJSONTime(b, r.Time, &ok)
+	b = append(b, `,"event":`...)
+	b = appendJSONString(b, r.Event)
+	b = append(b, `,"msg_id":`...)
+	b = appendJSONString(b, r.MsgID)
+	b = append(b, `,"from":`...)
+	b = appendJSONString(b, r.From)
+	b = append(b, `,"rcpts":`...)
+	b = strconv.AppendInt(b, int64(r.Rcpts), 10)
+	b = append(b, `,"size":`...)
+	b = strconv.AppendInt(b, int64(r.Size), 10)
+	b = append(b, `,"client_ip":`...)
+	b = appendJSONString(b, r.ClientIP)
+	b = append(b, `,"helo":`...)
+	b = appendJSONString(b, r.Helo)
+	b = append(b, `,"tls":`...)
+	b = strconv.AppendBool(b, r.TLS)
+	b = append(b, `,"commit_ms":`...)
+	b = appendJSONFloat(b, r.CommitMS, &ok)
+	return append(b, '}'), ok
 }
 
 // DeliveryRecord is the log line of one recipient's delivery attempt
@@ -153,4 +188,116 @@ type DeliveryRecord struct {
 }
 
 // Delivery logs one delivery outcome.
-func (l *EventLog) Delivery(r DeliveryRecord) { l.write(r) }
+func (l *EventLog) Delivery(r DeliveryRecord) { l.write(r.appendJSON) }
+
+// appendJSON appends r as encoding/json would marshal it; ok is false when
+// it would fail.
+func (r *DeliveryRecord) appendJSON(b []byte) ([]byte, bool) {
+	ok := true
+	b = append(b, `{"time":`...)
+	b = appendJSONTime(b, r.Time, &ok)
+	b = append(b, `,"event":`...)
+	b = appendJSONString(b, r.Event)
+	b = append(b, `,"msg_id":`...)
+	b = appendJSONString(b, r.MsgID)
+	b = append(b, `,"rcpt":`...)
+	b = appendJSONString(b, r.Rcpt)
+	b = append(b, `,"domain":`...)
+	b = appendJSONString(b, r.Domain)
+	if r.MX != "" {
+		b = append(b, `,"mx":`...)
+		b = appendJSONString(b, r.MX)
+	}
+	if r.IP != "" {
+		b = append(b, `,"ip":`...)
+		b = appendJSONString(b, r.IP)
+	}
+	b = append(b, `,"reply":`...)
+	b = appendJSONString(b, r.Reply)
+	b = append(b, `,"tls":`...)
+	b = strconv.AppendBool(b, r.TLS)
+	b = append(b, `,"attempt":`...)
+	b = strconv.AppendUint(b, uint64(r.Attempt), 10)
+	if !r.NextAttempt.IsZero() {
+		b = append(b, `,"next_attempt":`...)
+		b = appendJSONTime(b, r.NextAttempt, &ok)
+	}
+	b = append(b, `,"delay":`...)
+	b = appendJSONFloat(b, r.Delay, &ok)
+	if r.Delays != "" {
+		b = append(b, `,"delays":`...)
+		b = appendJSONString(b, r.Delays)
+	}
+	return append(b, '}'), ok
+}
+
+// FormatDelays formats the four parts of an attempt in seconds with
+// millisecond precision, "a/b/c/d" (as fmt's %.3f would, without its
+// allocations).
+func FormatDelays(queue, dns, conn, xmit time.Duration) string {
+	var buf [64]byte
+	b := buf[:0]
+	for i, d := range [4]time.Duration{queue, dns, conn, xmit} {
+		if i > 0 {
+			b = append(b, '/')
+		}
+		b = strconv.AppendFloat(b, d.Seconds(), 'f', 3, 64)
+	}
+	return string(b)
+}
+
+// appendJSONTime appends t as time.Time's MarshalJSON does (RFC 3339 with
+// nanoseconds, quoted). Times other than UTC in years 0-9999 (the log's
+// are all UTC) go through MarshalJSON itself; *ok becomes false when it
+// refuses the time.
+func appendJSONTime(b []byte, t time.Time, ok *bool) []byte {
+	if y := t.Year(); y < 0 || y > 9999 || t.Location() != time.UTC {
+		v, err := t.MarshalJSON()
+		if err != nil {
+			*ok = false
+			return b
+		}
+		return append(b, v...)
+	}
+	b = append(b, '"')
+	b = t.AppendFormat(b, time.RFC3339Nano)
+	return append(b, '"')
+}
+
+// appendJSONString appends s quoted as encoding/json does (HTML-safe).
+// Strings of plain printable ASCII, nearly all of them, are copied as
+// they are; any other goes through encoding/json.
+func appendJSONString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			v, _ := json.Marshal(s) // a string always marshals
+			return append(b, v...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
+}
+
+// appendJSONFloat appends f as encoding/json does ('f' format, or 'e'
+// beyond [1e-6, 1e21), shortest representation); *ok becomes false for
+// NaN and infinities, which JSON cannot carry.
+func appendJSONFloat(b []byte, f float64, ok *bool) []byte {
+	if math.IsNaN(f) || math.IsInf(f, 0) {
+		*ok = false
+		return b
+	}
+	format := byte('f')
+	if a := math.Abs(f); a != 0 && (a < 1e-6 || a >= 1e21) {
+		format = 'e'
+	}
+	b = strconv.AppendFloat(b, f, format, -1, 64)
+	if format == 'e' {
+		// clean up e-09 to e-9, as encoding/json does
+		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
+			b[n-2] = b[n-1]
+			b = b[:n-1]
+		}
+	}
+	return b
+}
