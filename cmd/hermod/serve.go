@@ -69,7 +69,7 @@ type daemonState struct {
 	cluster  *cluster.Service
 	receiver *engine.Receiver
 	sched    *engine.Scheduler
-	server   *netio.Server
+	server   atomic.Pointer[netio.Server] // replaced when binding is retried
 	healthy  atomic.Bool
 }
 
@@ -184,7 +184,7 @@ func (d *daemonState) run(cfg Config) error {
 	if err != nil {
 		return err
 	}
-	d.server = srv
+	d.server.Store(srv)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
@@ -194,7 +194,7 @@ func (d *daemonState) run(cfg Config) error {
 		resolver.Collector(),
 		sched.Collector(),
 		recv.Collector(),
-		srv.Collector(),
+		liveServerCollector{d},
 	)
 	var httpSrv *http.Server
 	if cfg.HTTP.Listen != "off" {
@@ -226,7 +226,7 @@ func (d *daemonState) run(cfg Config) error {
 			if srv, err = netio.NewServer(cfg.SMTP.ServerConfig, recv, tlsCfg, log.With("component", "smtp")); err != nil {
 				return err
 			}
-			d.server = srv
+			d.server.Store(srv)
 			go func() { serveErr <- srv.Serve() }()
 			continue
 		}
@@ -310,7 +310,7 @@ func (d *daemonState) reload() {
 	}
 	lv, _ := parseLevel(cfg.Log.Level)
 	d.level.Set(lv)
-	d.server.SetTLSConfig(tlsCfg)
+	d.server.Load().SetTLSConfig(tlsCfg)
 	// Keys that need a restart.
 	type pair struct {
 		name     string
@@ -430,7 +430,7 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 		writeJSON(w, map[string]any{
 			"spool":     d.store.Stats(),
 			"receiver":  d.receiver.Metrics(),
-			"smtp":      d.server.Metrics(),
+			"smtp":      d.server.Load().Metrics(),
 			"scheduler": d.sched.Metrics(),
 		})
 	})
@@ -487,4 +487,16 @@ func queueList(st *spool.Store, limit int) ([]QueueEntry, error) {
 		return len(list) < limit
 	})
 	return list, err
+}
+
+// liveServerCollector reports the metrics of the current SMTP server (it
+// is replaced when binding its address is retried at startup).
+type liveServerCollector struct{ d *daemonState }
+
+func (c liveServerCollector) Describe(ch chan<- *prometheus.Desc) {
+	c.d.server.Load().Collector().Describe(ch)
+}
+
+func (c liveServerCollector) Collect(ch chan<- prometheus.Metric) {
+	c.d.server.Load().Collector().Collect(ch)
 }
