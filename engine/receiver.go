@@ -126,6 +126,9 @@ type ReceiverOptions struct {
 	// set msg.Peers), and the 250 waits for both. done(err) reports
 	// whether the copies are durable (an error answers 451 4.3.0).
 	Replicate func(msg *spool.Message, body []byte, done func(error))
+	// Guard, when set, admits or refuses each new connection beyond the
+	// server's own limits (cluster-wide per-IP limits and blocks).
+	Guard ConnGuard
 	// Now returns the current time. nil means time.Now.
 	Now func() time.Time
 }
@@ -180,9 +183,30 @@ var (
 	errCommit       = smtperr.New(451, "4.3.0", "Error: queue file write error, try again later")
 )
 
-// Connect implements netio.Backend. Connection limits are enforced by the
-// server; nothing else is checked at connect time yet.
-func (r *Receiver) Connect(*netio.ConnInfo) *smtperr.Error { return nil }
+// ConnGuard decides on new connections beyond the SMTP server's own
+// limits. Both methods run on event loops: fast, never blocking.
+type ConnGuard interface {
+	// Admit returns nil to accept a connection from ip, or the refusal.
+	Admit(ip netip.Addr) *smtperr.Error
+	// Release reports the end of a connection Admit accepted.
+	Release(ip netip.Addr)
+}
+
+// Connect implements netio.Backend. The server enforces its own
+// connection limits; the Guard, when set, decides next.
+func (r *Receiver) Connect(c *netio.ConnInfo) *smtperr.Error {
+	if r.opt.Guard != nil {
+		return r.opt.Guard.Admit(c.Remote.Addr())
+	}
+	return nil
+}
+
+// Disconnect implements netio.Disconnecter.
+func (r *Receiver) Disconnect(c *netio.ConnInfo) {
+	if r.opt.Guard != nil {
+		r.opt.Guard.Release(c.Remote.Addr())
+	}
+}
 
 // Mail implements netio.Backend.
 func (r *Receiver) Mail(*netio.Envelope) *smtperr.Error { return nil }

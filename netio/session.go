@@ -131,6 +131,13 @@ type Backend interface {
 	Data(env *Envelope, body []byte, done func(*smtperr.Error))
 }
 
+// Disconnecter is implemented by backends that track open connections:
+// Disconnect is called once when a connection that Connect accepted ends
+// (whatever the reason), from the goroutine that ends it.
+type Disconnecter interface {
+	Disconnect(c *ConnInfo)
+}
+
 // Fixed replies. They are shared and must not be modified.
 var (
 	replyOK           = smtperr.New(250, "2.0.0", "Ok")
@@ -189,6 +196,9 @@ type Session struct {
 	notify func(*smtperr.Error)
 	info   ConnInfo
 	tls    bool // STARTTLS may be offered
+	// connected is set once Connect accepted the connection, until Abort
+	// reports its end (Disconnecter).
+	connected bool
 
 	phase    Phase
 	quit     bool
@@ -248,6 +258,7 @@ func (s *Session) Greeting(out []byte) ([]byte, Action) {
 		s.phase = PhaseClosed
 		return r.AppendReply(out), ActClose
 	}
+	s.connected = true
 	out = append(out, "220 "...)
 	out = append(out, s.cfg.Hostname...)
 	out = append(out, " ESMTP Hermod\r\n"...)
@@ -374,6 +385,12 @@ func (s *Session) Abort() {
 		s.resetTxn()
 	}
 	s.phase = PhaseClosed
+	if s.connected {
+		s.connected = false
+		if d, ok := s.b.(Disconnecter); ok {
+			d.Disconnect(&s.info)
+		}
+	}
 }
 
 func (s *Session) resetTxn() {
