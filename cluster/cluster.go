@@ -48,6 +48,7 @@ type Service struct {
 	node *Node
 
 	limits   *Limits
+	inbound  *Inbound
 	repl     *replicator
 	hold     *holder
 	replicas *spool.Store
@@ -87,12 +88,24 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 	s.limits = NewLimits(cfg.NodeName, cfg.DomainLimits, cfg.CountInterval,
 		func() int { return len(node.Alive()) },
 		func(p []byte) error { return node.Broadcast(countEvent, p) })
+	if err := os.MkdirAll(opt.StateDir, 0o750); err != nil {
+		return nil, fmt.Errorf("cluster: %w", err)
+	}
+	s.inbound, err = NewInbound(cfg.NodeName, cfg.MaxConnectionsPerIP, cfg.MaxConnectionRatePerIP, cfg.CountInterval, opt.StateDir,
+		func() int { return len(node.Alive()) }, node.Broadcast)
+	if err != nil {
+		return nil, err
+	}
 	s.repl = newReplicator(cfg.NodeName, cfg.ReplicationTimeout, opt.Logger.With("component", "replication"))
 	return s, nil
 }
 
 // Node returns the membership.
 func (s *Service) Node() *Node { return s.node }
+
+// Inbound returns the cluster-wide client limits and blocklist
+// (engine.ConnGuard).
+func (s *Service) Inbound() *Inbound { return s.inbound }
 
 // Limits returns the cluster-wide connection limits (engine.ConnLimits).
 func (s *Service) Limits() *Limits { return s.limits }
@@ -124,6 +137,8 @@ func (s *Service) Start() error {
 	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.taken, ln)
 	go s.hold.serve()
 	s.node.HandleUserEvent(countEvent, s.limits.HandleEvent)
+	s.node.HandleUserEvent(ipEvent, s.inbound.HandleIPs)
+	s.node.HandleUserEvent(blockEvent, s.inbound.HandleBlock)
 	s.node.OnMemberChange(s.memberChange)
 	if err := s.node.Start(); err != nil {
 		s.hold.close()
@@ -131,6 +146,7 @@ func (s *Service) Start() error {
 		return err
 	}
 	s.limits.Start()
+	s.inbound.Start()
 	s.wg.Add(1)
 	go s.background()
 	return nil
@@ -144,6 +160,7 @@ func (s *Service) memberChange(ch MemberChange) {
 		switch ch.Status {
 		case "failed", "left":
 			s.limits.Forget(m.Name)
+			s.inbound.Forget(m.Name)
 			s.repl.forget(m.Name)
 			s.addrMu.Lock()
 			s.away[m.Name] = true
@@ -157,6 +174,10 @@ func (s *Service) memberChange(ch MemberChange) {
 			s.addrMu.Unlock()
 			if back {
 				go s.reconcileWith(m)
+			}
+			// The first alive node by name tells a newcomer the blocks.
+			if alive := s.node.Alive(); len(alive) > 0 && alive[0].Name == s.node.Name() {
+				go s.inbound.Rebroadcast()
 			}
 		}
 	}
@@ -584,6 +605,7 @@ func (s *Service) Close(ctx context.Context) error {
 	close(s.stop)
 	s.wg.Wait()
 	s.limits.Stop()
+	s.inbound.Stop()
 	s.addrMu.Lock()
 	for _, stops := range s.held {
 		for _, stop := range stops {

@@ -92,6 +92,7 @@ func (n *testNode) kill() {
 	close(n.svc.stop)
 	n.svc.wg.Wait()
 	n.svc.limits.Stop()
+	n.svc.inbound.Stop()
 	n.svc.repl.closeAll()
 	n.svc.hold.close()
 	n.svc.replicas.Close()

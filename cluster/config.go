@@ -69,6 +69,16 @@ type Config struct {
 	// domain: all nodes together hold at most this many connections to it
 	// (within the overshoot documented in docs/CLUSTER.md). Default: {}.
 	DomainLimits map[string]int `toml:"domain_limits"`
+	// MaxConnectionsPerIP bounds the connections one client (an IPv4
+	// address or an IPv6 /64) holds to all nodes together; beyond it new
+	// ones get 421 4.7.0. 0 disables it (each node's smtp limit still
+	// applies). Default: 0.
+	MaxConnectionsPerIP int `toml:"max_connections_per_ip"`
+	// MaxConnectionRatePerIP bounds the connections per minute one client
+	// opens to all nodes together (421 4.7.0 beyond). 0 disables it.
+	// Default: 0.
+	MaxConnectionRatePerIP int `toml:"max_connection_rate_per_ip"`
+
 	// CountInterval is how often each node gossips its connection counts
 	// for limited domains. Default: 500ms.
 	CountInterval time.Duration `toml:"count_interval"`
@@ -195,6 +205,9 @@ func (c *Config) Validate() error {
 		if d != strings.ToLower(d) || strings.ContainsAny(d, " @[]") || d == "" {
 			errs = append(errs, fmt.Errorf("cluster.domain_limits: %q must be a lower-case domain", d))
 		}
+	}
+	if c.MaxConnectionsPerIP < 0 || c.MaxConnectionRatePerIP < 0 {
+		errs = append(errs, errors.New("cluster.max_connections_per_ip and max_connection_rate_per_ip must not be negative"))
 	}
 	if c.CountInterval < 50*time.Millisecond || c.CountInterval > 5*time.Second {
 		errs = append(errs, fmt.Errorf("cluster.count_interval: %v is not in 50ms–5s", c.CountInterval))

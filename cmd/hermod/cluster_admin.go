@@ -39,6 +39,45 @@ func (d *daemonState) clusterRoutes(mux *http.ServeMux) {
 		}
 		writeJSON(w, d.cluster.Stats())
 	})
+	mux.HandleFunc("GET /api/cluster/blocks", func(w http.ResponseWriter, r *http.Request) {
+		if notClustered(w) {
+			return
+		}
+		writeJSON(w, d.cluster.Inbound().Blocks())
+	})
+	// POST /api/cluster/blocks?prefix=CIDR&for=DURATION&reason=TEXT blocks
+	// a network on every node; DELETE ...?prefix=CIDR lifts it.
+	mux.HandleFunc("POST /api/cluster/blocks", func(w http.ResponseWriter, r *http.Request) {
+		if notClustered(w) {
+			return
+		}
+		q := r.URL.Query()
+		b := cluster.Block{Prefix: q.Get("prefix"), Reason: q.Get("reason")}
+		if f := q.Get("for"); f != "" {
+			dur, err := time.ParseDuration(f)
+			if err != nil || dur <= 0 {
+				http.Error(w, "for: not a positive duration", http.StatusBadRequest)
+				return
+			}
+			b.Until = time.Now().Add(dur).UTC()
+		}
+		if err := d.cluster.Inbound().Block(b); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		d.log.Warn("network blocked cluster-wide", "prefix", b.Prefix, "until", b.Until, "reason", b.Reason)
+		writeJSON(w, d.cluster.Inbound().Blocks())
+	})
+	mux.HandleFunc("DELETE /api/cluster/blocks", func(w http.ResponseWriter, r *http.Request) {
+		if notClustered(w) {
+			return
+		}
+		if err := d.cluster.Inbound().Unblock(r.URL.Query().Get("prefix")); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		writeJSON(w, d.cluster.Inbound().Blocks())
+	})
 	mux.HandleFunc("GET /api/cluster/stats", func(w http.ResponseWriter, r *http.Request) {
 		if notClustered(w) {
 			return
@@ -67,7 +106,7 @@ func (d *daemonState) clusterRoutes(mux *http.ServeMux) {
 // cmdCluster is `hermod cluster members|stats`.
 func cmdCluster(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("cluster: want members or stats")
+		return fmt.Errorf("cluster: want members, stats, block, unblock or blocks")
 	}
 	fs := flag.NewFlagSet("cluster "+args[0], flag.ExitOnError)
 	admin := fs.String("http", "127.0.0.1:8025", "admin address (host:port) of any running node")
@@ -76,8 +115,36 @@ func cmdCluster(args []string) error {
 	domain := fs.String("domain", "", "stats: only this destination domain")
 	top := fs.Int("top", 0, "stats: only the N busiest domains")
 	asJSON := fs.Bool("json", false, "print JSON")
+	blockFor := fs.Duration("for", 0, "block: for this long (0: until unblocked)")
+	reason := fs.String("reason", "", "block: why (shown in the list)")
 	fs.Parse(args[1:])
 	switch args[0] {
+	case "block", "unblock":
+		if fs.NArg() != 1 {
+			return fmt.Errorf("cluster %s: want one CIDR prefix or address", args[0])
+		}
+		q := url.Values{"prefix": {fs.Arg(0)}}
+		method := http.MethodDelete
+		if args[0] == "block" {
+			method = http.MethodPost
+			if *reason != "" {
+				q.Set("reason", *reason)
+			}
+			if *blockFor > 0 {
+				q.Set("for", blockFor.String())
+			}
+		}
+		var list []cluster.Block
+		if err := doJSON(method, "http://"+*admin+"/api/cluster/blocks?"+q.Encode(), &list); err != nil {
+			return err
+		}
+		return printBlocks(list)
+	case "blocks":
+		var list []cluster.Block
+		if err := getJSON("http://"+*admin+"/api/cluster/blocks", &list); err != nil {
+			return err
+		}
+		return printBlocks(list)
 	case "members":
 		var ms []cluster.Member
 		if err := getJSON("http://"+*admin+"/api/cluster/members", &ms); err != nil {
@@ -124,5 +191,18 @@ func cmdCluster(args []string) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("cluster: unknown subcommand %q (members, stats)", args[0])
+	return fmt.Errorf("cluster: unknown subcommand %q (members, stats, block, unblock, blocks)", args[0])
+}
+
+func printBlocks(list []cluster.Block) error {
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PREFIX	UNTIL	BY	REASON")
+	for _, b := range list {
+		until := "-"
+		if !b.Until.IsZero() {
+			until = b.Until.Local().Format(time.DateTime)
+		}
+		fmt.Fprintf(tw, "%s	%s	%s	%s\n", b.Prefix, until, b.By, b.Reason)
+	}
+	return tw.Flush()
 }

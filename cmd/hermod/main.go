@@ -7,7 +7,8 @@
 //	hermod queue flush [ID] [-http ADDR]
 //	hermod queue delete ID [-http ADDR]
 //	hermod stats [-http ADDR] [-minutes N | -hours N] [-domain D] [-top N]
-//	hermod cluster members|stats [-http ADDR]
+//	hermod cluster members|stats|blocks [-http ADDR]
+//	hermod cluster block|unblock CIDR [-for DURATION] [-reason TEXT]
 //	hermod version
 package main
 
@@ -46,6 +47,8 @@ commands:
   cluster members
                 the cluster's nodes as this node sees them (-http ADDR)
   cluster stats deliverability per domain for the whole cluster (-http ADDR, -minutes N | -hours N, -domain D, -top N)
+  cluster block CIDR [-for DURATION] [-reason TEXT]
+                refuse a network's connections on every node (554 5.7.1); cluster unblock CIDR, cluster blocks
   version       print the version
 `
 

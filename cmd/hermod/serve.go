@@ -173,6 +173,7 @@ func (d *daemonState) run(cfg Config) error {
 	}
 	if d.cluster != nil {
 		recvOpt.Replicate = d.cluster.Replicate
+		recvOpt.Guard = d.cluster.Inbound()
 	}
 	recv, err = engine.NewReceiver(cfg.SMTP.RelayConfig, recvOpt)
 	if err != nil {
