@@ -159,6 +159,7 @@ func (n *Node) Start() error {
 	sc.UserCoalescePeriod = 0
 	sc.CoalescePeriod = 0
 	sc.ReconnectTimeout = 24 * time.Hour
+	sc.ReconnectInterval = 2 * time.Second // find a failed peer again soon after a partition heals
 	sc.TombstoneTimeout = 24 * time.Hour
 	sc.EventBuffer = 4096
 	sc.Logger = slog.NewLogLogger(n.log.Handler(), slog.LevelDebug)

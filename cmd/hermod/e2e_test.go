@@ -76,6 +76,7 @@ type hermodProc struct {
 	cfg    string
 	log    *syncBuffer
 	exited chan struct{}
+	netns  string // run inside this network namespace ("": the test's)
 }
 
 type syncBuffer struct {
@@ -139,6 +140,9 @@ func (d *hermodProc) start() {
 	t := d.t
 	t.Helper()
 	d.cmd = exec.Command(hermodBinary(t), "serve", "-config", d.cfg)
+	if d.netns != "" {
+		d.cmd = exec.Command("ip", "netns", "exec", d.netns, hermodBinary(t), "serve", "-config", d.cfg)
+	}
 	d.log = &syncBuffer{}
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	d.cmd.Dir = d.dir
