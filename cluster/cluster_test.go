@@ -53,9 +53,13 @@ type testNode struct {
 }
 
 func startNode(t *testing.T, name, dir string, bind string, join []string, limits map[string]int) *testNode {
+	return startNodeR(t, name, dir, bind, join, limits, 1)
+}
+
+func startNodeR(t *testing.T, name, dir string, bind string, join []string, limits map[string]int, replicas int) *testNode {
 	t.Helper()
 	cfg := Config{Bind: bind, Join: join, NodeName: name, DomainLimits: limits, ProbeInterval: 100 * time.Millisecond,
-		ReconcileTimeout: 3 * time.Second, CountInterval: 100 * time.Millisecond}
+		ReconcileTimeout: 3 * time.Second, CountInterval: 100 * time.Millisecond, Replicas: &replicas}
 	cfg.EnsureDefaults(name)
 	scfg := spool.DefaultConfig()
 	scfg.Dir = filepath.Join(dir, "spool")
@@ -289,4 +293,85 @@ func TestLimitsShareAndBorrow(t *testing.T) {
 	// Malformed events are ignored.
 	b.HandleEvent([]byte{1, 200})
 	b.HandleEvent(nil)
+}
+
+// TestTwoReplicasSurviveTwoFailures: with replicas = 2, losing the
+// origin and one holder of each message loses nothing: the remaining
+// holder delivers it, and only one node takes each message.
+func TestTwoReplicasSurviveTwoFailures(t *testing.T) {
+	var binds []string
+	for i := 0; i < 4; i++ {
+		binds = append(binds, fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1")))
+	}
+	root := t.TempDir()
+	var nodes []*testNode
+	for i, name := range []string{"a", "b", "c", "d"} {
+		var join []string
+		if i > 0 {
+			join = binds[:1]
+		}
+		nodes = append(nodes, startNodeR(t, name, filepath.Join(root, name), binds[i], join, nil, 2))
+	}
+	waitFor(t, "4 members", 10*time.Second, func() bool {
+		for _, n := range nodes {
+			if len(n.svc.node.Alive()) != 4 {
+				return false
+			}
+		}
+		return true
+	})
+	a := nodes[0]
+	var msgs []*spool.Message
+	for i := 0; i < 30; i++ {
+		m := accept(t, a, fmt.Sprintf("r%d@x.test", i))
+		if len(m.Peers) != 3 {
+			t.Fatalf("peers %q, want origin and two holders", m.Peers)
+		}
+		msgs = append(msgs, m)
+	}
+	// Kill a and the holder that is first on most lists.
+	first := map[string]int{}
+	for _, m := range msgs {
+		first[m.Peers[1]]++
+	}
+	victim := "b"
+	for n, k := range first {
+		if k > first[victim] {
+			victim = n
+		}
+	}
+	byName := map[string]*testNode{"b": nodes[1], "c": nodes[2], "d": nodes[3]}
+	a.kill()
+	byName[victim].kill()
+	var rest []*testNode
+	for n, tn := range byName {
+		if n != victim {
+			rest = append(rest, tn)
+			defer tn.close(t)
+		}
+	}
+	waitFor(t, "takeover by the last holders", 20*time.Second, func() bool {
+		var n int64
+		for _, tn := range rest {
+			n += tn.store.Stats().Messages
+		}
+		return n == int64(len(msgs))
+	})
+	for _, m := range msgs {
+		k := 0
+		for _, tn := range rest {
+			if _, err := tn.store.Load(m.ID); err == nil {
+				k++
+			}
+		}
+		if k != 1 {
+			t.Errorf("%s queued on %d survivors", m.ID, k)
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // drops to the other holders
+	for _, tn := range rest {
+		if n := tn.svc.replicas.Stats().Messages; n != 0 {
+			t.Errorf("%s still holds %d copies", tn.name, n)
+		}
+	}
 }
