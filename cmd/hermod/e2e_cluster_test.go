@@ -220,6 +220,24 @@ domain_limits = { %q = %d }
 		t.Errorf("cluster stats: %d delivered, sink received %d recipients (%s)", got, st.Recipients, body)
 	}
 
+	// The cluster-wide log holds every delivery, from the node that made it.
+	_, body = nodes[2].get("/api/cluster/log?limit=10000&event=delivered")
+	var lg struct {
+		Records []clusterLogRecord `json:"records"`
+		Missing map[string]string  `json:"missing"`
+	}
+	if err := json.Unmarshal([]byte(body), &lg); err != nil {
+		t.Fatalf("cluster log: %v", err)
+	}
+	perNode := map[string]int{}
+	for _, r := range lg.Records {
+		perNode[r.Node]++
+	}
+	if uint64(len(lg.Records)) != st.Recipients || len(lg.Missing) != 0 {
+		t.Errorf("cluster log: %d delivered records (%v), sink got %d; missing %v", len(lg.Records), perNode, st.Recipients, lg.Missing)
+	}
+	t.Logf("cluster log: %d delivered records by node %v", len(lg.Records), perNode)
+
 	// Phase 2: load into n1 only; kill -9 it mid-way.
 	var accepted atomic.Int64
 	killed := make(chan struct{})

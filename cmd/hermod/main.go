@@ -7,6 +7,7 @@
 //	hermod queue flush [ID] [-http ADDR]
 //	hermod queue delete ID [-http ADDR]
 //	hermod stats [-http ADDR] [-minutes N | -hours N] [-domain D] [-top N]
+//	hermod log [-cluster] [-domain D] [-event E] [-msg ID] [-rcpt R] [-minutes N] [-n N]
 //	hermod cluster members|stats|blocks [-http ADDR]
 //	hermod cluster block|unblock CIDR [-for DURATION] [-reason TEXT]
 //	hermod version
@@ -44,6 +45,7 @@ commands:
   queue delete ID
                 remove a message from the queue (no bounce)
   stats         deliverability per destination domain (-http ADDR, -minutes N | -hours N, -domain D, -top N, -json)
+  log           recent delivery records, newest first (-http ADDR, -cluster, -domain D, -event E, -msg ID, -rcpt R, -minutes N, -n N)
   cluster members
                 the cluster's nodes as this node sees them (-http ADDR)
   cluster stats deliverability per domain for the whole cluster (-http ADDR, -minutes N | -hours N, -domain D, -top N)
@@ -69,6 +71,8 @@ func main() {
 		err = cmdStats(os.Args[2:])
 	case "cluster":
 		err = cmdCluster(os.Args[2:])
+	case "log":
+		err = cmdLog(os.Args[2:])
 	case "version", "-version", "--version":
 		fmt.Println("hermod", version)
 	case "help", "-h", "-help", "--help":

@@ -66,6 +66,7 @@ type daemonState struct {
 
 	store    *spool.Store
 	stats    *engine.DomainStats
+	recent   *engine.RecentLog
 	cluster  *cluster.Service
 	receiver *engine.Receiver
 	sched    *engine.Scheduler
@@ -132,7 +133,11 @@ func (d *daemonState) run(cfg Config) error {
 		Log:      elog,
 	}
 	d.stats = engine.NewDomainStats(engine.DomainStatsOptions{})
-	schedOpt.Observe = d.stats.Observe
+	d.recent = engine.NewRecentLog(0)
+	schedOpt.Observe = func(r *engine.DeliveryRecord) {
+		d.stats.Observe(r)
+		d.recent.Observe(r)
+	}
 	var recv *engine.Receiver // set below; takeover listeners serve it
 	if cfg.Cluster.Enabled() {
 		svc, err := d.startCluster(cfg, store, func() netio.Backend { return recv })
@@ -437,6 +442,7 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 	})
 	mux.HandleFunc("GET /api/stats/domains", statsDomainsHandler(d.stats, time.Now))
 	d.clusterRoutes(mux)
+	d.logRoutes(mux)
 	// Top-N destinations (Postfix's qshape, live): busiest first.
 	mux.HandleFunc("GET /api/domains", func(w http.ResponseWriter, r *http.Request) {
 		n := 20
