@@ -108,7 +108,7 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 			// RSET goes out pipelined with the next MAIL.
 			a.conn.ResetNext()
 			dv.mx = a.mx
-			dv.ip = a.conn.RemoteAddr().Addr().String()
+			dv.ip = a.conn.RemoteIP()
 			_, _, _, dv.tls = a.conn.TLSInfo()
 		} else {
 			reply, destFail, perm := s.connect(a, jobs[live[0]], &dv)
@@ -220,7 +220,7 @@ func (s *Scheduler) connect(a *agent, j *job, dv *delivery) (*smtperr.Error, boo
 				continue
 			}
 			a.conn, a.mx, a.sent = c, h.Name, 0
-			dv.mx, dv.ip = h.Name, ip.String()
+			dv.mx, dv.ip = h.Name, c.RemoteIP()
 			_, _, _, dv.tls = c.TLSInfo()
 			return nil, false, false
 		}
@@ -249,10 +249,17 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 	// time updates the message.
 	j.e.mu.Lock()
 	defer j.e.mu.Unlock()
+	var lastReply *smtperr.Error
+	var lastText string
 	for k, i := range j.rcpts {
 		r := msg.Rcpts[i]
 		reply := outs[k].reply
-		nr, class, expired := transition(&s.cfg, msg, r, outs[k].class, reply.Error(), now, a.rand.Float64())
+		if reply != lastReply || k == 0 {
+			// Recipients of a transaction mostly share one reply: format
+			// it once.
+			lastReply, lastText = reply, reply.Error()
+		}
+		nr, class, expired := transition(&s.cfg, msg, r, outs[k].class, lastText, now, a.rand.Float64())
 		updates[k] = nr
 		msg.Rcpts[i] = nr
 		switch {
@@ -271,7 +278,7 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 			res.deferred++
 			events[k] = "deferred"
 		}
-		res.lastReply = reply.Error()
+		res.lastReply = lastText
 	}
 	if len(failed) > 0 {
 		s.bounce(msg, j, updates, failed, dv, now)

@@ -5,6 +5,7 @@ package netio
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"strings"
 	"testing"
 
@@ -55,5 +56,32 @@ func TestAllocsClientHotPaths(t *testing.T) {
 	}
 	if got := testing.AllocsPerRun(200, func() { clientNormalize(body) }); got > 0 {
 		t.Errorf("normalising a clean body: %.1f allocations, want 0", got)
+	}
+}
+
+// TestAllocsClientSend guards a whole transaction on a reused pipelining
+// connection, called as the scheduler's agents call it (cancellable
+// context, RSET first): only the SendResult is allocated (the sink's
+// goroutine, counted too, allocates nothing per transaction).
+func TestAllocsClientSend(t *testing.T) {
+	addr := clientSink(t, true)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c, err := Dial(ctx, clientTestConfig(), "sink.test", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Quit()
+	body := bytes.Repeat([]byte("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!\r\n"), 16)
+	env := &ClientEnvelope{From: "a@x.test", Rcpts: []string{"rcpt@y.test"}}
+	got := testing.AllocsPerRun(200, func() {
+		c.ResetNext()
+		res, err := c.Send(ctx, env, body)
+		if err != nil || res.Data == nil || res.Data.Code != 250 {
+			t.Fatalf("Send = %+v, %v", res, err)
+		}
+	})
+	if got > 1 {
+		t.Fatalf("%.1f allocations per transaction, want <= 1", got)
 	}
 }

@@ -52,6 +52,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -282,6 +283,7 @@ const (
 	clientStepRcpt
 	clientStepDataInit
 	clientStepDot
+	clientStepReset
 	// clientStepCount doubles as "no cache".
 	clientStepCount
 )
@@ -310,8 +312,25 @@ type ClientConn struct {
 
 	// wtimeout is the write deadline applied by clientConnWriter.
 	wtimeout time.Duration
+	// rwant is the deadline of the reply being read, applied by
+	// clientConnReader; rslack is how much earlier the socket's deadline
+	// may be (see clientSlack). rdl and wdl are the read and write
+	// deadlines last set on the socket.
+	rwant, rdl, wdl time.Time
+	rslack          time.Duration
+
+	// watchCtx is the context whose cancellation closes the connection
+	// during a call (registered once, see watch); inCall is set during
+	// calls; endCallFn is endCall, made once. wmu guards watchStop, which
+	// Close may call from another goroutine.
+	watchCtx  context.Context
+	inCall    atomic.Bool
+	endCallFn func() bool
+	wmu       sync.Mutex
+	watchStop func() bool
 
 	remote   netip.AddrPort
+	remoteIP string
 	greeting string
 	helo     string // EHLO/HELO argument
 	ext      map[string]string
@@ -357,6 +376,7 @@ func Dial(ctx context.Context, cfg *ClientConfig, mxHost string, addr netip.Addr
 		addr = netip.AddrPortFrom(addr.Addr(), uint16(c.cfg.Port))
 	}
 	c.remote = addr
+	c.remoteIP = addr.Addr().String()
 	c.helo = clientHeloName(c.cfg.Hostname)
 
 	d := net.Dialer{Timeout: c.cfg.ConnectTimeout}
@@ -368,7 +388,7 @@ func Dial(ctx context.Context, cfg *ClientConfig, mxHost string, addr netip.Addr
 		return nil, fmt.Errorf("netio: client: connect to %s (%s): %w", c.mx, addr, err)
 	}
 	c.raw, c.conn = conn, conn
-	c.br = bufio.NewReaderSize(conn, clientReadBuf)
+	c.br = bufio.NewReaderSize(clientConnReader{c}, clientReadBuf)
 	c.bw = bufio.NewWriterSize(clientConnWriter{c}, clientWriteBuf)
 
 	stop := c.watch(ctx)
@@ -502,9 +522,11 @@ func (c *ClientConn) startTLS() error {
 		return fmt.Errorf("%w: %w: %d octets sent after the STARTTLS reply", ErrClientTLS, ErrClientProtocol, c.br.Buffered())
 	}
 	tc := tls.Client(c.raw, c.tlsConfig())
-	if err := c.raw.SetDeadline(time.Now().Add(c.cfg.ConnectTimeout)); err != nil {
+	dl := time.Now().Add(c.cfg.ConnectTimeout)
+	if err := c.raw.SetDeadline(dl); err != nil {
 		return c.ioError("TLS handshake", err)
 	}
+	c.rdl, c.wdl = dl, dl
 	if err := tc.Handshake(); err != nil {
 		c.broken = true
 		c.log.Debug("TLS handshake failed", "err", err)
@@ -513,7 +535,7 @@ func (c *ClientConn) startTLS() error {
 	}
 	st := tc.ConnectionState()
 	c.conn = tc
-	c.br.Reset(tc)
+	c.br.Reset(clientConnReader{c})
 	c.tlsOn, c.tlsVersion, c.tlsCipher = true, st.Version, st.CipherSuite
 	return c.hello()
 }
@@ -590,6 +612,9 @@ func (c *ClientConn) TLSInfo() (version, cipher string, verified bool, ok bool) 
 // RemoteAddr is the address Dial connected to.
 func (c *ClientConn) RemoteAddr() netip.AddrPort { return c.remote }
 
+// RemoteIP is RemoteAddr's address as a string, made once.
+func (c *ClientConn) RemoteIP() string { return c.remoteIP }
+
 // Greeting is the text of the server's 220 greeting, lines joined with "\n".
 func (c *ClientConn) Greeting() string { return c.greeting }
 
@@ -649,6 +674,12 @@ func (c *ClientConn) Quit() error {
 // Close closes the connection without QUIT. It is safe to call from any
 // goroutine and more than once.
 func (c *ClientConn) Close() error {
+	c.wmu.Lock()
+	if c.watchStop != nil {
+		c.watchStop()
+		c.watchStop = nil
+	}
+	c.wmu.Unlock()
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
 	}
@@ -665,12 +696,45 @@ func (c *ClientConn) bestEffortQuit() {
 // watch makes cancellation of ctx close the connection. The returned
 // function (nil when ctx cannot be cancelled) must be called when the
 // operation ends; it returns false when ctx was cancelled meanwhile.
+//
+// The callback is registered with ctx once and kept across calls (every
+// call of the scheduler's agents passes the same context: registering and
+// removing it per transaction cost an allocation and the context's lock);
+// between calls it does nothing, and a call that starts with ctx already
+// cancelled closes the connection itself.
 func (c *ClientConn) watch(ctx context.Context) func() bool {
 	if ctx.Done() == nil {
 		return nil
 	}
-	raw := c.raw
-	return context.AfterFunc(ctx, func() { raw.Close() })
+	if ctx != c.watchCtx {
+		c.wmu.Lock()
+		if c.watchStop != nil {
+			c.watchStop()
+		}
+		raw := c.raw
+		c.watchStop = context.AfterFunc(ctx, func() {
+			if c.inCall.Load() {
+				raw.Close()
+			}
+		})
+		c.wmu.Unlock()
+		c.watchCtx = ctx
+		if c.endCallFn == nil {
+			c.endCallFn = c.endCall
+		}
+	}
+	c.inCall.Store(true)
+	if ctx.Err() != nil {
+		c.raw.Close()
+	}
+	return c.endCallFn
+}
+
+// endCall ends a call begun by watch; it reports whether the context is
+// still live.
+func (c *ClientConn) endCall() bool {
+	c.inCall.Store(false)
+	return c.watchCtx.Err() == nil
 }
 
 // command writes verb+arg and reads the reply.
@@ -697,10 +761,7 @@ func (c *ClientConn) flush(timeout time.Duration) error {
 // readReply reads one reply within timeout. step selects the reply cache
 // (clientStepCount for none). A read error makes the connection unusable.
 func (c *ClientConn) readReply(timeout time.Duration, step clientStep) (*smtperr.Error, error) {
-	if err := c.conn.SetReadDeadline(time.Now().Add(timeout)); err != nil {
-		c.broken = true
-		return nil, err
-	}
+	c.rwant, c.rslack = time.Now().Add(timeout), clientSlack(timeout)
 	code, err := c.rr.read(c.br)
 	if err != nil {
 		c.broken = true
@@ -740,10 +801,39 @@ func (c *ClientConn) replyError(step string, rep *smtperr.Error) error {
 type clientConnWriter struct{ c *ClientConn }
 
 func (w clientConnWriter) Write(p []byte) (int, error) {
-	if err := w.c.conn.SetWriteDeadline(time.Now().Add(w.c.wtimeout)); err != nil {
-		return 0, err
+	c := w.c
+	want := time.Now().Add(c.wtimeout)
+	if d := want.Sub(c.wdl); d < 0 || d > clientSlack(c.wtimeout) {
+		if err := c.conn.SetWriteDeadline(want); err != nil {
+			return 0, err
+		}
+		c.wdl = want
 	}
-	return w.c.conn.Write(p)
+	return c.conn.Write(p)
+}
+
+// clientConnReader is the bufio.Reader's source: before reading the socket
+// it sets the deadline of the reply being read (readReply), so that a reply
+// already buffered costs no deadline change.
+type clientConnReader struct{ c *ClientConn }
+
+func (r clientConnReader) Read(p []byte) (int, error) {
+	c := r.c
+	if d := c.rwant.Sub(c.rdl); d < 0 || d > c.rslack {
+		if err := c.conn.SetReadDeadline(c.rwant); err != nil {
+			return 0, err
+		}
+		c.rdl = c.rwant
+	}
+	return c.conn.Read(p)
+}
+
+// clientSlack is how much earlier than asked a deadline may fall, so that
+// the socket's deadline (a timer the runtime must move) is not set again
+// for every reply: a sixteenth of the timeout, at most a second. A step
+// gets at least 15/16 of its timeout, never more than all of it.
+func clientSlack(timeout time.Duration) time.Duration {
+	return min(timeout/16, time.Second)
 }
 
 // clientHeloName returns the EHLO argument for hostname: IP addresses

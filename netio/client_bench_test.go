@@ -87,20 +87,28 @@ func clientSinkServe(conn net.Conn, ehlo string) {
 	}
 }
 
-func clientBenchSend(b *testing.B, pipelining bool) {
+func clientBenchSend(b *testing.B, pipelining, agent bool) {
 	addr := clientSink(b, pipelining)
 	cfg := clientTestConfig()
-	c, err := Dial(context.Background(), cfg, "sink.test", addr)
+	ctx := context.Background()
+	if agent {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+	}
+	c, err := Dial(ctx, cfg, "sink.test", addr)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer c.Quit()
 	body := bytes.Repeat([]byte("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!\r\n"), 16) // 1 KiB
 	env := &ClientEnvelope{From: "bench@x.test", Rcpts: []string{"rcpt@y.test"}}
-	ctx := context.Background()
 	b.ReportAllocs()
 	b.SetBytes(int64(len(body)))
 	for b.Loop() {
+		if agent {
+			c.ResetNext()
+		}
 		res, err := c.Send(ctx, env, body)
 		if err != nil {
 			b.Fatal(err)
@@ -114,10 +122,15 @@ func clientBenchSend(b *testing.B, pipelining bool) {
 
 // BenchmarkSendPipelined sends 1 KiB messages to one recipient over one
 // reused connection to a pipelining sink.
-func BenchmarkSendPipelined(b *testing.B) { clientBenchSend(b, true) }
+func BenchmarkSendPipelined(b *testing.B) { clientBenchSend(b, true, false) }
+
+// BenchmarkSendPipelinedAgent is BenchmarkSendPipelined as the scheduler's
+// agents call Send: with a cancellable context and RSET before each
+// transaction.
+func BenchmarkSendPipelinedAgent(b *testing.B) { clientBenchSend(b, true, true) }
 
 // BenchmarkClientSendLockStep is the same without PIPELINING.
-func BenchmarkClientSendLockStep(b *testing.B) { clientBenchSend(b, false) }
+func BenchmarkClientSendLockStep(b *testing.B) { clientBenchSend(b, false, false) }
 
 func BenchmarkClientWriteBody(b *testing.B) {
 	body := bytes.Repeat([]byte("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!\r\n.dot\r\n"), 1000)

@@ -523,7 +523,7 @@ func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Err
 
 // readReset reads the reply to RSET.
 func (c *ClientConn) readReset() error {
-	rep, err := c.reply(c.cfg.MailTimeout, clientStepCount)
+	rep, err := c.reply(c.cfg.MailTimeout, clientStepReset)
 	switch {
 	case err != nil:
 		return c.ioError("RSET", err)
