@@ -88,6 +88,7 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 	s.limits = NewLimits(cfg.NodeName, cfg.DomainLimits, cfg.CountInterval,
 		func() int { return len(node.Alive()) },
 		func(p []byte) error { return node.Broadcast(countEvent, p) })
+	s.limits.SetRates(cfg.DomainRates)
 	if err := os.MkdirAll(opt.StateDir, 0o750); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}

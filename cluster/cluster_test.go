@@ -375,3 +375,33 @@ func TestTwoReplicasSurviveTwoFailures(t *testing.T) {
 		}
 	}
 }
+
+func TestLimitsRateSplit(t *testing.T) {
+	iv := 100 * time.Millisecond
+	now := time.Unix(1e9, 0)
+	a := NewLimits("a", nil, iv, func() int { return 2 }, func([]byte) error { return nil })
+	b := NewLimits("b", nil, iv, func() int { return 2 }, func([]byte) error { return nil })
+	a.now = func() time.Time { return now }
+	b.now = a.now
+	a.SetRates(map[string]float64{"r.test": 10})
+	b.SetRates(map[string]float64{"r.test": 10})
+	if _, ok := a.Rate("other.test"); ok {
+		t.Fatal("unlimited domain rate-limited")
+	}
+	if r, _ := a.Rate("r.test"); r != 5 {
+		t.Fatalf("b unheard: %v, want 5", r)
+	}
+	for _, p := range b.payloads() {
+		a.HandleEvent(p) // b reports no demand
+	}
+	if r, _ := a.Rate("r.test"); r != 10 {
+		t.Fatalf("b idle: %v, want 10", r)
+	}
+	b.Rate("r.test") // b wants it now
+	for _, p := range b.payloads() {
+		a.HandleEvent(p)
+	}
+	if r, _ := a.Rate("r.test"); r != 5 {
+		t.Fatalf("both want it: %v, want 5", r)
+	}
+}

@@ -79,6 +79,10 @@ type Config struct {
 	// Default: 0.
 	MaxConnectionRatePerIP int `toml:"max_connection_rate_per_ip"`
 
+	// DomainRates are cluster-wide message rates per destination domain
+	// (messages per second, all nodes together), split among the nodes
+	// that have mail for it. Default: {}.
+	DomainRates map[string]float64 `toml:"domain_rates"`
 	// CountInterval is how often each node gossips its connection counts
 	// for limited domains. Default: 500ms.
 	CountInterval time.Duration `toml:"count_interval"`
@@ -142,6 +146,9 @@ func (c *Config) EnsureDefaults(hostname string) {
 	if c.DomainLimits == nil {
 		c.DomainLimits = map[string]int{}
 	}
+	if c.DomainRates == nil {
+		c.DomainRates = map[string]float64{}
+	}
 	if c.CountInterval == 0 {
 		c.CountInterval = 500 * time.Millisecond
 	}
@@ -204,6 +211,14 @@ func (c *Config) Validate() error {
 		}
 		if d != strings.ToLower(d) || strings.ContainsAny(d, " @[]") || d == "" {
 			errs = append(errs, fmt.Errorf("cluster.domain_limits: %q must be a lower-case domain", d))
+		}
+	}
+	for d, r := range c.DomainRates {
+		if !(r > 0) || r > 1e6 {
+			errs = append(errs, fmt.Errorf("cluster.domain_rates: %q = %v must be a positive number of messages per second", d, r))
+		}
+		if d != strings.ToLower(d) || strings.ContainsAny(d, " @[]") || d == "" {
+			errs = append(errs, fmt.Errorf("cluster.domain_rates: %q must be a lower-case domain", d))
 		}
 	}
 	if c.MaxConnectionsPerIP < 0 || c.MaxConnectionRatePerIP < 0 {

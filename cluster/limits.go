@@ -43,6 +43,7 @@ type Limits struct {
 
 	mu     sync.Mutex
 	limits map[string]int
+	rates  map[string]float64 // messages per second, cluster-wide
 	local  map[string]*localCount
 	peers  map[string]map[string]peerCount // node → domain → count
 
@@ -73,7 +74,7 @@ const countEvent = "hermod-counts"
 func NewLimits(self string, limits map[string]int, interval time.Duration, alive func() int, send func([]byte) error) *Limits {
 	l := &Limits{
 		self: self, interval: interval, now: time.Now, alive: alive, send: send,
-		limits: map[string]int{}, local: map[string]*localCount{},
+		limits: map[string]int{}, rates: map[string]float64{}, local: map[string]*localCount{},
 		peers: map[string]map[string]peerCount{},
 		stop:  make(chan struct{}), done: make(chan struct{}),
 	}
@@ -100,15 +101,7 @@ func (l *Limits) Allowance(domain string) (int, bool) {
 		return 0, false
 	}
 	now := l.now()
-	lc := l.local[domain]
-	if lc == nil {
-		lc = &localCount{}
-		l.local[domain] = lc
-	}
-	if lc.wantedFrom.IsZero() || now.Sub(lc.wanted) >= demandWindow {
-		lc.wantedFrom = now
-	}
-	lc.wanted = now
+	lc := l.want(domain, now)
 	n := max(l.alive(), 1)
 	share := limit / n
 	others, heard := 0, 0
@@ -136,12 +129,70 @@ func (l *Limits) Allowance(domain string) (int, bool) {
 	return allowed, true
 }
 
+// want records local demand for domain and returns its count.
+func (l *Limits) want(domain string, now time.Time) *localCount {
+	lc := l.local[domain]
+	if lc == nil {
+		lc = &localCount{}
+		l.local[domain] = lc
+	}
+	if lc.wantedFrom.IsZero() || now.Sub(lc.wanted) >= demandWindow {
+		lc.wantedFrom = now
+	}
+	lc.wanted = now
+	return lc
+}
+
+// SetRates replaces the cluster-wide message rates (per second).
+func (l *Limits) SetRates(rates map[string]float64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.rates = make(map[string]float64, len(rates))
+	for d, r := range rates {
+		l.rates[d] = r
+	}
+}
+
+// Rate implements engine.ConnLimits: the cluster rate R of domain is
+// split evenly among the nodes that want the domain — this one, those
+// that reported demand, and alive nodes not heard from lately (they may
+// want it). A node learns of another's demand within a count interval,
+// so the cluster exceeds R by at most R/k × (k−1)/k for about that long
+// when k nodes start at once.
+func (l *Limits) Rate(domain string) (float64, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	rate, ok := l.rates[domain]
+	if !ok {
+		return 0, false
+	}
+	now := l.now()
+	l.want(domain, now)
+	n := max(l.alive(), 1)
+	wanting, heard := 1, 0
+	stale := now.Add(-3 * l.interval)
+	for _, counts := range l.peers {
+		c, ok := counts[domain]
+		if !ok || c.at.Before(stale) {
+			continue
+		}
+		heard++
+		if c.demand {
+			wanting++
+		}
+	}
+	wanting += max(n-1-heard, 0)
+	return rate / float64(wanting), true
+}
+
 // Opened implements engine.ConnLimits.
 func (l *Limits) Opened(domain string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if _, ok := l.limits[domain]; !ok {
-		return
+		if _, ok := l.rates[domain]; !ok {
+			return
+		}
 	}
 	lc := l.local[domain]
 	if lc == nil {
@@ -212,7 +263,14 @@ func (l *Limits) payloads() [][]byte {
 		cur = append(cur[:0:0], 1)
 		cur = appendStr(cur, l.self)
 	}
+	domains := make(map[string]bool, len(l.limits)+len(l.rates))
 	for d := range l.limits {
+		domains[d] = true
+	}
+	for d := range l.rates {
+		domains[d] = true
+	}
+	for d := range domains {
 		demand, conns := false, 0
 		if lc := l.local[d]; lc != nil {
 			demand = now.Sub(lc.wanted) < demandWindow

@@ -64,6 +64,9 @@ type ConnLimits interface {
 	// Opened and Closed report a connection to domain opened or closed.
 	Opened(domain string)
 	Closed(domain string)
+	// Rate returns the messages per second this node may send to domain
+	// now, and false when domain has no outside rate limit.
+	Rate(domain string) (float64, bool)
 }
 
 // Scheduler delivers queued mail: per-destination ready queues, bounded
@@ -149,6 +152,8 @@ type dest struct {
 	lastOK       atomic.Int64 // unix nanos of the last delivery or permanent answer
 	lastRefused  atomic.Int64 // unix nanos of the last requeue for a refused connection
 	pauseUntil   time.Time    // no new connection before (jobs stay queued in memory)
+	tokens       float64      // message budget under an outside rate limit
+	tokensAt     time.Time    // when tokens was last refilled
 	okSince      int          // deliveries since the limit was last changed
 	inRing       bool
 	refused      bool // mail was left in the spool because ready was full
@@ -613,6 +618,41 @@ func (s *Scheduler) connLimit(d *dest) int {
 	return n
 }
 
+// rateBudget returns how many messages d may be sent now under an outside
+// rate limit (ConnLimits.Rate), and how long until the next one when
+// none; unlimited reports no limit. The budget refills continuously up
+// to one second's worth (at least one message).
+func (s *Scheduler) rateBudget(d *dest, now time.Time) (n int, wait time.Duration, unlimited bool) {
+	if s.opt.Limits == nil {
+		return 0, 0, true
+	}
+	rate, ok := s.opt.Limits.Rate(d.name)
+	if !ok {
+		return 0, 0, true
+	}
+	burst := max(rate, 1)
+	if d.tokensAt.IsZero() {
+		d.tokens = burst
+	} else if el := now.Sub(d.tokensAt); el > 0 {
+		d.tokens = min(burst, d.tokens+rate*el.Seconds())
+	}
+	d.tokensAt = now
+	if d.tokens >= 1 {
+		return int(d.tokens), 0, false
+	}
+	if rate <= 0 {
+		return 0, time.Second, false
+	}
+	return 0, time.Duration((1 - d.tokens) / rate * float64(time.Second)), false
+}
+
+// spend takes n messages from d's rate budget.
+func (s *Scheduler) spend(d *dest, n int) {
+	if !d.tokensAt.IsZero() {
+		d.tokens -= float64(n)
+	}
+}
+
 // nextFor answers an agent that finished its jobs: more jobs for the same
 // destination, idle waiting, or nil (close).
 func (s *Scheduler) nextFor(a *agent, destFail bool, now time.Time) {
@@ -621,7 +661,7 @@ func (s *Scheduler) nextFor(a *agent, destFail bool, now time.Time) {
 	case s.closing, destFail, !a.usable, a.sent >= s.cfg.MaxMessagesPerConnection,
 		s.opt.Limits != nil && d.conns > s.connLimit(d): // over a lowered (cluster) limit: give the slot back
 		a.next <- nil
-	case len(d.ready) > 0 && !now.Before(d.backoffUntil):
+	case len(d.ready) > 0 && !now.Before(d.backoffUntil) && s.hasBudget(d, now):
 		a.next <- s.popBatch(d, a, 1+max(0, s.connLimit(d)-d.conns))
 		s.m.busy.Add(1)
 	default:
@@ -647,6 +687,9 @@ func (s *Scheduler) popBatch(d *dest, a *agent, free int) []*job {
 		n = (len(d.ready) + free - 1) / free
 	}
 	n = min(n, s.cfg.PipelineTransactions, s.cfg.MaxMessagesPerConnection-a.sent, len(d.ready))
+	if budget, _, unlimited := s.rateBudget(d, s.now()); !unlimited {
+		n = min(n, budget)
+	}
 	if n < 1 {
 		n = 1
 	}
@@ -660,7 +703,21 @@ func (s *Scheduler) popBatch(d *dest, a *agent, free int) []*job {
 		bytes += j.e.msg.Size
 		jobs = append(jobs, s.pop(d))
 	}
+	s.spend(d, len(jobs))
 	return jobs
+}
+
+// hasBudget reports whether d may be sent a message now; when not, new
+// connections to it pause until the budget refills.
+func (s *Scheduler) hasBudget(d *dest, now time.Time) bool {
+	n, wait, unlimited := s.rateBudget(d, now)
+	if unlimited || n >= 1 {
+		return true
+	}
+	if until := now.Add(wait); until.After(d.pauseUntil) {
+		d.pauseUntil = until
+	}
+	return false
 }
 
 func (s *Scheduler) pop(d *dest) *job {
@@ -752,6 +809,9 @@ func (s *Scheduler) dispatch(now time.Time) {
 	keep := s.ring[:0]
 	for _, d := range s.ring {
 		for len(d.ready) > 0 && !now.Before(d.backoffUntil) {
+			if !s.hasBudget(d, now) {
+				break
+			}
 			if n := len(d.idle); n > 0 {
 				a := d.idle[n-1]
 				d.idle[n-1] = nil

@@ -52,6 +52,7 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	cfg.Retry = []time.Duration{10 * time.Second, time.Minute}
 	cfg.MaxQueueLifetime = time.Hour
 	cfg.ScanInterval = time.Second
+	var outside *staticLimits
 	for _, a := range args {
 		v := a.Vals[0]
 		n, _ := strconv.Atoi(v)
@@ -80,6 +81,17 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 				d, _ := time.ParseDuration(r)
 				cfg.Retry = append(cfg.Retry, d)
 			}
+		case "outside_conns", "outside_rate":
+			// domain:value — a fixed outside limit (cluster share).
+			if outside == nil {
+				outside = &staticLimits{conns: map[string]int{}, rates: map[string]float64{}, open: map[string]int{}}
+			}
+			dom, val, _ := strings.Cut(v, ":")
+			if a.Key == "outside_conns" {
+				outside.conns[dom], _ = strconv.Atoi(val)
+			} else {
+				outside.rates[dom], _ = strconv.ParseFloat(val, 64)
+			}
 		default:
 			t.Fatalf("unknown config %s", a.Key)
 		}
@@ -96,7 +108,11 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	}
 	t.Cleanup(func() { st.Close() })
 	h.st = st
-	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: noResolver{}, Now: func() time.Time { return h.now }, Seed: 42})
+	opt := SchedulerOptions{Store: st, Resolver: noResolver{}, Now: func() time.Time { return h.now }, Seed: 42}
+	if outside != nil {
+		opt.Limits = outside
+	}
+	s, err := NewScheduler(cfg, opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -432,3 +448,15 @@ func TestTransition(t *testing.T) {
 }
 
 var _ = netip.Addr{}
+
+// staticLimits is a fixed ConnLimits (the cluster's share, frozen).
+type staticLimits struct {
+	conns map[string]int
+	rates map[string]float64
+	open  map[string]int
+}
+
+func (l *staticLimits) Allowance(d string) (int, bool) { n, ok := l.conns[d]; return n, ok }
+func (l *staticLimits) Opened(d string)                { l.open[d]++ }
+func (l *staticLimits) Closed(d string)                { l.open[d]-- }
+func (l *staticLimits) Rate(d string) (float64, bool)  { r, ok := l.rates[d]; return r, ok }
