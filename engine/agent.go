@@ -392,7 +392,20 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 	bm := dsn.Envelope()
 	bm.Received, bm.Helo, bm.ClientIP = now, s.opt.Hostname, "127.0.0.1"
 	bm.Rcpts[0].Domain, bm.Rcpts[0].NextAttempt = netio.Domain(dsn.Rcpt), now
-	if err := s.st.CommitWait(bm, dsn.Body); err != nil {
+	bm.ID = s.st.NewID()
+	var copied chan error
+	if s.opt.Replicate != nil {
+		// Bounces are copied to cluster peers like received mail.
+		copied = make(chan error, 1)
+		s.opt.Replicate(bm, dsn.Body, func(err error) { copied <- err })
+	}
+	err = s.st.CommitWait(bm, dsn.Body)
+	if copied != nil {
+		if cerr := <-copied; cerr != nil && err == nil {
+			s.log.Warn("bounce queued without cluster copies", "msg_id", bm.ID.String(), "err", cerr)
+		}
+	}
+	if err != nil {
 		s.log.Error("queueing bounce", "msg_id", msg.ID.String(), "err", err)
 		// Leave the recipients pending: they will fail again and bounce
 		// then. Nothing is lost, at worst a notification repeats.

@@ -49,6 +49,9 @@ type SchedulerOptions struct {
 	// finished and removed. Cluster replication forwards it to the
 	// peers holding copies. Called from agent goroutines; must not block.
 	Recorded func(msg *spool.Message, updates []spool.Recipient, removed bool)
+	// Replicate, when set, copies each bounce to cluster peers before it
+	// is queued (like ReceiverOptions.Replicate; it may set msg.Peers).
+	Replicate func(msg *spool.Message, body []byte, done func(error))
 	// Limits, when set, bounds connections per destination beyond
 	// DeliveryConfig (cluster-wide limits). Called from the loop goroutine.
 	Limits ConnLimits

@@ -154,6 +154,7 @@ func (d *daemonState) run(cfg Config) error {
 		}()
 		schedOpt.Limits = svc.Limits()
 		schedOpt.Recorded = svc.Recorded
+		schedOpt.Replicate = svc.Replicate
 	}
 	sched, err := engine.NewScheduler(cfg.Delivery, schedOpt)
 	if err != nil {
