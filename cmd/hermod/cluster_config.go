@@ -193,14 +193,56 @@ func (d *daemonState) applyMaster(doc []byte, version uint64) (string, error) {
 	d.server.Load().SetTLSConfig(tlsCfg)
 	restart := restartSections(*old, cfg)
 	d.cfg.Store(&cfg)
-	note := ""
+	var notes []string
 	if len(restart) > 0 {
-		note = "takes effect at the next restart: " + strings.Join(restart, ", ")
+		notes = append(notes, "takes effect at the next restart: "+strings.Join(restart, ", "))
 		d.log.Warn("cluster configuration: some changes take effect at the next restart", "version", version, "sections", restart)
 	}
+	if ign := shadowedLocalKeys(d.cfgPath); len(ign) > 0 {
+		d.log.Warn("cluster configuration: keys of the local file are ignored (only node-local keys are read from it)",
+			"version", version, "keys", ign)
+		if len(ign) > 8 {
+			ign = append(ign[:8:8], fmt.Sprintf("and %d more", len(ign)-8))
+		}
+		notes = append(notes, "ignored in the local file: "+strings.Join(ign, ", "))
+	}
+	note := strings.Join(notes, "; ")
 	d.log.Info("cluster configuration applied", "version", version, "log_level", cfg.Log.Level,
 		"relay_networks", cfg.SMTP.RelayNetworks, "relay_domains", cfg.SMTP.RelayDomains, "starttls", tlsCfg != nil)
 	return note, nil
+}
+
+// shadowedLocalKeys lists the keys a node's own file (path) sets that a
+// master configuration replaces: all but the node-local ones.
+func shadowedLocalKeys(path string) []string {
+	if path == "" {
+		return nil
+	}
+	var c Config
+	md, err := toml.DecodeFile(path, &c)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, k := range md.Keys() {
+		if md.Type(k...) == "Hash" || isNodeLocal(k.String()) {
+			continue
+		}
+		out = append(out, k.String())
+	}
+	sort.Strings(out)
+	return out
+}
+
+// isNodeLocal reports whether the dotted key is, or is inside, a
+// node-local key.
+func isNodeLocal(key string) bool {
+	for _, k := range nodeLocalKeys() {
+		if key == k || strings.HasPrefix(key, k+".") {
+			return true
+		}
+	}
+	return false
 }
 
 // restartSections names the parts of the configuration that differ
@@ -379,7 +421,8 @@ func printPushResult(w io.Writer, res cluster.PushResult) {
 		if n.Error != "" {
 			detail = n.Error
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", n.Name, n.State, n.Version, strings.ReplaceAll(detail, "\n", "; "))
+		detail = strings.ReplaceAll(strings.ReplaceAll(detail, ":\n", ": "), "\n", "; ")
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", n.Name, n.State, n.Version, detail)
 	}
 	tw.Flush()
 }

@@ -328,3 +328,35 @@ func TestConfigRoutes(t *testing.T) {
 		t.Errorf("not clustered: %v", err)
 	}
 }
+
+func TestShadowedLocalKeys(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "n1.toml")
+	err := os.WriteFile(path, []byte(`
+[server]
+hostname = "n1"
+[smtp]
+listen = ["127.0.0.7:25"]
+max_hops = 9
+[spool]
+dir = "/s"
+compression = "none"
+[log]
+level = "debug"
+delivery_log = "off"
+[cluster]
+bind = "127.0.0.7:7946"
+probe_interval = "100ms"
+domain_limits = { "gmail.com" = 3 }
+`), 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := shadowedLocalKeys(path)
+	want := []string{`cluster.domain_limits."gmail.com"`, "cluster.probe_interval", "log.level", "smtp.max_hops"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	if got := shadowedLocalKeys(""); got != nil {
+		t.Errorf("no file: %q", got)
+	}
+}
