@@ -2,7 +2,6 @@ package cluster
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -135,7 +134,7 @@ func (s *Service) Start() error {
 		rs.Close()
 		return fmt.Errorf("cluster.replication_listen: %w", err)
 	}
-	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.taken, ln)
+	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.opt.Store, s.taken, ln)
 	go s.hold.serve()
 	s.node.HandleUserEvent(countEvent, s.limits.HandleEvent)
 	s.node.HandleUserEvent(ipEvent, s.inbound.HandleIPs)
@@ -194,6 +193,7 @@ func (s *Service) background() {
 	defer s.wg.Done()
 	t := time.NewTicker(3 * time.Second)
 	defer t.Stop()
+	lastCheck := time.Now()
 	for {
 		select {
 		case <-s.stop:
@@ -204,6 +204,10 @@ func (s *Service) background() {
 		if s.cfg.TakeoverEnabled() {
 			s.takeoverPass()
 			s.addressPass()
+		}
+		if time.Since(lastCheck) >= checkEvery {
+			lastCheck = time.Now()
+			s.checkCopies(lastCheck.Add(-copyCheckAge))
 		}
 	}
 }
@@ -429,6 +433,69 @@ func (s *Service) takeoverPass() {
 	s.log.Warn("took over a failed node's mail", "messages", n.Load(), "origins", len(byOrigin))
 }
 
+// Copies are checked with their origins every checkEvery, once older
+// than copyCheckAge (so that the origin's own commit, which runs beside
+// the copy, is surely done, whatever the clocks' skew).
+const (
+	checkEvery   = time.Minute
+	copyCheckAge = 5 * time.Minute
+)
+
+// checkCopies asks each alive origin which of the messages this node
+// holds copies of (received before cutoff) are gone from its spool, and
+// drops those copies: they were delivered and the outcome was lost, or
+// the origin's own commit failed. Without it such copies would linger
+// and be delivered again if the origin ever failed.
+func (s *Service) checkCopies(cutoff time.Time) int {
+	alive := map[string]Member{}
+	for _, m := range s.node.Alive() {
+		alive[m.Name] = m
+	}
+	byOrigin := map[string][]spool.ID{}
+	err := s.replicas.Walk(func(m *spool.Message) bool {
+		if len(m.Peers) > 0 && m.Received.Before(cutoff) {
+			if _, ok := alive[m.Peers[0]]; ok && m.Peers[0] != s.node.Name() {
+				byOrigin[m.Peers[0]] = append(byOrigin[m.Peers[0]], m.ID)
+			}
+		}
+		return true
+	})
+	if err != nil {
+		s.log.Error("walking the replica store", "err", err)
+		return 0
+	}
+	dropped := 0
+	for origin, ids := range byOrigin {
+		for len(ids) > 0 {
+			chunk := ids[:min(len(ids), 2000)]
+			ids = ids[len(chunk):]
+			ans := make(chan []byte, 1)
+			if err := s.repl.peer(alive[origin]).send(frameCheck, appendIDs(nil, chunk), true, nil, ans); err != nil {
+				break
+			}
+			var b []byte
+			select {
+			case b = <-ans:
+			case <-time.After(10 * time.Second):
+			}
+			gone, err := decodeIDs(b)
+			if b == nil || err != nil {
+				break
+			}
+			for _, id := range gone {
+				if s.replicas.Delete(id) == nil {
+					dropped++
+				}
+			}
+		}
+	}
+	if dropped > 0 {
+		s.hold.dropped.Add(int64(dropped))
+		s.log.Info("dropped copies whose origin no longer has the message", "copies", dropped)
+	}
+	return dropped
+}
+
 // addressPass answers on failed nodes' SMTP addresses: the owner of a
 // failed node's addresses is the alive node ranked first for its name.
 // Addresses are released when the node is alive again (or another node
@@ -523,15 +590,12 @@ func (s *Service) reconcileWith(m Member) (int, error) {
 	if b == nil {
 		return 0, fmt.Errorf("cluster: connection to %s lost during reconciliation", m.Name)
 	}
-	n, k := binary.Uvarint(b)
-	if k <= 0 || uint64(len(b)-k) != n*spool.IDLen {
-		return 0, errFrame
+	ids, err := decodeIDs(b)
+	if err != nil {
+		return 0, err
 	}
-	b = b[k:]
 	removed := 0
-	for i := uint64(0); i < n; i++ {
-		var id spool.ID
-		copy(id[:], b[i*spool.IDLen:])
+	for _, id := range ids {
 		if err := s.opt.Store.Delete(id); err == nil {
 			removed++
 		}

@@ -405,3 +405,35 @@ func TestLimitsRateSplit(t *testing.T) {
 		t.Fatalf("both want it: %v, want 5", r)
 	}
 }
+
+// TestCheckCopies: a copy whose origin no longer has the message (the
+// outcome frame was lost) is dropped after a check with the origin; a
+// copy of a message still queued there stays.
+func TestCheckCopies(t *testing.T) {
+	binds := []string{fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1")), fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1"))}
+	root := t.TempDir()
+	a := startNode(t, "a", filepath.Join(root, "a"), binds[0], nil, nil)
+	b := startNode(t, "b", filepath.Join(root, "b"), binds[1], binds[:1], nil)
+	defer a.close(t)
+	defer b.close(t)
+	waitFor(t, "2 members", 10*time.Second, func() bool { return len(a.svc.node.Alive()) == 2 && len(b.svc.node.Alive()) == 2 })
+	done := accept(t, a, "x@one.test")
+	kept := accept(t, a, "y@one.test")
+	// Delivered on a, but the outcome never reaches b.
+	if _, err := a.store.Update(done.ID, []spool.Recipient{{Index: 0, State: spool.Delivered}}); err != nil {
+		t.Fatal(err)
+	}
+	if n := b.svc.checkCopies(time.Now().Add(time.Hour)); n != 1 {
+		t.Fatalf("dropped %d copies, want 1", n)
+	}
+	if _, err := b.svc.replicas.Load(done.ID); !errors.Is(err, spool.ErrNotFound) {
+		t.Fatalf("copy of the delivered message: %v", err)
+	}
+	if _, err := b.svc.replicas.Load(kept.ID); err != nil {
+		t.Fatalf("copy of the queued message: %v", err)
+	}
+	// Copies newer than the cutoff are not checked.
+	if n := b.svc.checkCopies(time.Now().Add(-time.Hour)); n != 0 {
+		t.Fatalf("dropped %d recent copies", n)
+	}
+}

@@ -19,7 +19,10 @@
 //
 // Failure windows (documented in docs/CLUSTER.md and tested there):
 //   - Outcome frames are best effort: if one is lost, the copy keeps
-//     recipients already delivered and a later takeover repeats them.
+//     recipients already delivered until the next check with the origin
+//     (every minute, copies older than 5 minutes: a copy whose message
+//     the origin no longer has is dropped); a takeover before that
+//     repeats them.
 //   - In a partition both sides believe the other failed: the holders
 //     deliver the other side's copies while the origin delivers them too
 //     (duplicates, never loss); on healing the origin drops what was

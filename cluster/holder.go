@@ -18,7 +18,8 @@ import (
 // them over.
 type holder struct {
 	log     *slog.Logger
-	store   *spool.Store
+	store   *spool.Store // the replica store
+	main    *spool.Store // this node's own spool (answers checks)
 	taken   *takenLog
 	ln      net.Listener
 	wg      sync.WaitGroup
@@ -31,8 +32,8 @@ type holder struct {
 	failed  atomic.Int64
 }
 
-func newHolder(log *slog.Logger, store *spool.Store, taken *takenLog, ln net.Listener) *holder {
-	return &holder{log: log, store: store, taken: taken, ln: ln, conns: map[net.Conn]bool{}, sem: make(chan struct{}, 64)}
+func newHolder(log *slog.Logger, store, main *spool.Store, taken *takenLog, ln net.Listener) *holder {
+	return &holder{log: log, store: store, main: main, taken: taken, ln: ln, conns: map[net.Conn]bool{}, sem: make(chan struct{}, 64)}
 }
 
 func (h *holder) serve() {
@@ -168,13 +169,25 @@ func (h *holder) conn(c net.Conn) {
 			if rd.bad {
 				return
 			}
-			ids := h.taken.of(node)
-			a := binary.AppendUvarint([]byte{frameTaken}, seq)
-			a = binary.AppendUvarint(a, uint64(len(ids)))
-			for _, id := range ids {
-				a = append(a, id[:]...)
+			out <- appendIDs(binary.AppendUvarint([]byte{frameTaken}, seq), h.taken.of(node))
+		case frameCheck:
+			// A holder asks which of our messages it holds copies of
+			// are gone from our spool (finished, or never committed).
+			seq, k := binary.Uvarint(p)
+			if k <= 0 {
+				return
 			}
-			out <- a
+			ids, err := decodeIDs(p[k:])
+			if err != nil {
+				return
+			}
+			var gone []spool.ID
+			for _, id := range ids {
+				if _, err := h.main.Load(id); errors.Is(err, spool.ErrNotFound) {
+					gone = append(gone, id)
+				}
+			}
+			out <- appendIDs(binary.AppendUvarint([]byte{frameGone}, seq), gone)
 		default:
 			h.log.Warn("unknown replication frame", "origin", origin, "type", typ)
 			return

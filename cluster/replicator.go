@@ -219,7 +219,7 @@ func (p *peerConn) reader(c net.Conn) {
 			if cb != nil {
 				cb(ackErr)
 			}
-		case frameTaken:
+		case frameTaken, frameGone:
 			p.mu.Lock()
 			ch := p.answers[seq]
 			delete(p.answers, seq)

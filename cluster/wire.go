@@ -22,6 +22,8 @@ const (
 	frameDrop      = 'D' // id: another holder took the message over; drop the copy
 	frameReconcile = 'R' // seq, node name: which messages of that node did you take over?
 	frameTaken     = 'T' // seq, ids: the answer
+	frameCheck     = 'C' // seq, ids: which of these messages of yours are gone?
+	frameGone      = 'G' // seq, ids: the answer
 
 	maxFrame = 64 << 20
 )
@@ -264,4 +266,27 @@ func decodeOutcome(b []byte) (spool.ID, []spool.Recipient, bool, error) {
 		return id, nil, false, errFrame
 	}
 	return id, rcpts, removed, nil
+}
+
+// appendIDs appends a count and the ids.
+func appendIDs(b []byte, ids []spool.ID) []byte {
+	b = binary.AppendUvarint(b, uint64(len(ids)))
+	for _, id := range ids {
+		b = append(b, id[:]...)
+	}
+	return b
+}
+
+// decodeIDs decodes appendIDs' encoding (the whole of b).
+func decodeIDs(b []byte) ([]spool.ID, error) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || uint64(len(b)-k) != n*spool.IDLen {
+		return nil, errFrame
+	}
+	b = b[k:]
+	ids := make([]spool.ID, n)
+	for i := range ids {
+		copy(ids[i][:], b[i*spool.IDLen:])
+	}
+	return ids, nil
 }
