@@ -169,10 +169,12 @@ func loadStoredMaster(local Config) (Config, uint64, error) {
 
 // applyMaster is ConfigDist's Apply: it merges doc for this node and
 // applies it the way a SIGHUP reload does (relay policy, TLS certificate
-// and log level live; other changed sections are named in the note as
-// taking effect at the next restart, when loadStoredMaster applies them).
-// An invalid document changes nothing.
-func (d *daemonState) applyMaster(doc []byte, version uint64) (string, error) {
+// and log level live). The note names the sections that differ from boot,
+// the configuration the process started with, and so take effect only at
+// the next restart (when loadStoredMaster applies them), and the keys of
+// the local file the master replaces. An invalid document changes
+// nothing.
+func (d *daemonState) applyMaster(boot Config, doc []byte, version uint64) (string, error) {
 	old := d.cfg.Load()
 	if old == nil || d.receiver == nil || d.server.Load() == nil {
 		return "", errors.New("this node is still starting")
@@ -191,7 +193,7 @@ func (d *daemonState) applyMaster(doc []byte, version uint64) (string, error) {
 	lv, _ := parseLevel(cfg.Log.Level)
 	d.level.Set(lv)
 	d.server.Load().SetTLSConfig(tlsCfg)
-	restart := restartSections(*old, cfg)
+	restart := restartSections(boot, cfg)
 	d.cfg.Store(&cfg)
 	var notes []string
 	if len(restart) > 0 {
@@ -275,13 +277,16 @@ func restartSections(old, cfg Config) []string {
 }
 
 // newConfigDist prepares the distribution of the master configuration on
-// node; storedErr is loadStoredMaster's error at startup. Call it before
-// the node starts, and Start the result once the SMTP server exists.
+// node; cfg is the configuration the daemon started with, storedErr
+// loadStoredMaster's error at startup. Call it before the node starts,
+// and Start the result once the SMTP server exists.
 func (d *daemonState) newConfigDist(node *cluster.Node, cfg Config, storedErr error) (*cluster.ConfigDist, error) {
 	return cluster.NewConfigDist(node, cluster.ConfigDistOptions{
-		Logger:    d.log.With("component", "cluster-config"),
-		Dir:       masterStateDir(cfg),
-		Apply:     d.applyMaster,
+		Logger: d.log.With("component", "cluster-config"),
+		Dir:    masterStateDir(cfg),
+		Apply: func(doc []byte, version uint64) (string, error) {
+			return d.applyMaster(cfg, doc, version)
+		},
 		StoredErr: storedErr,
 	})
 }

@@ -236,6 +236,7 @@ func testDaemon(t *testing.T) *daemonState {
 
 func TestApplyMaster(t *testing.T) {
 	d := testDaemon(t)
+	boot := *d.cfg.Load()
 	for _, tc := range []struct {
 		name      string
 		doc       string
@@ -248,13 +249,15 @@ func TestApplyMaster(t *testing.T) {
 			wantLevel: slog.LevelDebug, wantHops: 7},
 		{name: "restart needed", doc: "[log]\nlevel = \"warn\"\n[smtp]\nmax_hops = 8\n[delivery]\nmax_connections = 5\n[cluster]\nreplicas = 0\n",
 			wantNote: "takes effect at the next restart: delivery, cluster", wantLevel: slog.LevelWarn, wantHops: 8},
+		{name: "back to the boot values", doc: "[log]\nlevel = \"warn\"\n[smtp]\nmax_hops = 8\n[delivery]\nmax_connections = 77\n",
+			wantLevel: slog.LevelWarn, wantHops: 8},
 		{name: "invalid: nothing changes", doc: "[log]\nlevel = \"error\"\n[smtp]\nmax_hops = -1\n",
 			wantErr: "smtp.max_hops", wantLevel: slog.LevelWarn, wantHops: 8},
 		{name: "missing certificate: nothing changes", doc: "[smtp]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
 			wantErr: "tls_cert", wantLevel: slog.LevelWarn, wantHops: 8},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			note, err := d.applyMaster([]byte(tc.doc), 1)
+			note, err := d.applyMaster(boot, []byte(tc.doc), 1)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err %v, want %q", err, tc.wantErr)
