@@ -394,9 +394,25 @@ func (s *Store) enqueue(r *writeReq) {
 // write commits b (synced, grouped) and waits for the result. due is the
 // due value of the due entry b Sets, or noDue.
 func (s *Store) write(b *pebble.Batch, delta, due int64) error {
-	ch := make(chan error, 1)
-	s.enqueue(&writeReq{batch: b, delta: delta, due: due, done: func(err error) { ch <- err }})
-	return <-ch
+	w, _ := s.waiters.Get().(*waiter)
+	if w == nil {
+		ch := make(chan error, 1)
+		w = &waiter{ch: ch, done: func(err error) { ch <- err }}
+	}
+	// The request is new each time (it may be referenced by a worker for a
+	// moment after it completed); its done is called exactly once, so the
+	// channel is empty again when w goes back to the pool.
+	s.enqueue(&writeReq{batch: b, delta: delta, due: due, done: w.done})
+	err := <-w.ch
+	s.waiters.Put(w)
+	return err
+}
+
+// waiter is the completion channel of a waiting write and the callback
+// that fills it, reused across writes.
+type waiter struct {
+	ch   chan error
+	done func(error)
 }
 
 // earliestPending returns the due value (see dueNanos) of the earliest

@@ -85,6 +85,7 @@ type Store struct {
 	idLocks [idLockStripes]sync.Mutex
 	floor   dueFloor
 	rcache  rcptCache
+	waiters sync.Pool // of *waiter, see write
 
 	messages      atomic.Int64
 	diskBytes     atomic.Uint64
