@@ -60,7 +60,13 @@ type delivery struct {
 func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 	start := s.now()
 	results := make([]*attemptResult, len(jobs))
-	dvs := make([]delivery, len(jobs))
+	var dvBuf [4]delivery // batches are mostly of one job: no allocation
+	dvs := dvBuf[:0]
+	if len(jobs) <= len(dvBuf) {
+		dvs = dvBuf[:len(jobs)]
+	} else {
+		dvs = make([]delivery, len(jobs))
+	}
 	envs := make([]*netio.ClientEnvelope, 0, len(jobs))
 	bodies := make([][]byte, 0, len(jobs))
 	live := make([]int, 0, len(jobs)) // indexes of jobs to send
@@ -86,9 +92,16 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 			results[k] = s.record(j, a, allSame(len(j.rcpts), outDeferred, smtperr.New(451, "4.3.0", "local error reading the queued message: %v", err)), false, &dvs[k])
 			continue
 		}
-		env := &netio.ClientEnvelope{From: msg.From, Size: int64(len(body)), Body8Bit: msg.Body8Bit, SMTPUTF8: msg.SMTPUTF8, EnvID: msg.EnvID, Ret: msg.Ret}
-		for _, i := range j.rcpts {
-			env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
+		box := &envBox{env: netio.ClientEnvelope{From: msg.From, Size: int64(len(body)), Body8Bit: msg.Body8Bit, SMTPUTF8: msg.SMTPUTF8, EnvID: msg.EnvID, Ret: msg.Ret}}
+		env := &box.env
+		if len(j.rcpts) == 1 {
+			box.one[0] = msg.Rcpts[j.rcpts[0]].Addr
+			env.Rcpts = box.one[:]
+		} else {
+			env.Rcpts = make([]string, 0, len(j.rcpts))
+			for _, i := range j.rcpts {
+				env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
+			}
 		}
 		envs = append(envs, env)
 		bodies = append(bodies, body)
@@ -162,6 +175,13 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 		}
 		return results
 	}
+}
+
+// envBox holds an envelope and, for the usual single recipient, its
+// recipient list: one allocation instead of two.
+type envBox struct {
+	env netio.ClientEnvelope
+	one [1]string
 }
 
 type rcptOutcome struct {
