@@ -224,26 +224,15 @@ func (s *Service) alive() map[string]bool {
 // Replicate sends copies of msg to Replicas peers and calls done once
 // they are durable there (or have failed). It sets msg.Peers (this node,
 // then the holders) before returning, so call it before committing msg
-// locally. done(nil) means at least one copy is durable, or that fewer
-// copies are allowed (RequireReplicas off; the shortfall is counted).
+// locally. done(nil) means the copies are durable, or that fewer copies
+// are allowed (RequireReplicas off; the shortfall is counted).
 func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 	want := s.cfg.ReplicaCount()
 	if want == 0 {
 		done(nil)
 		return
 	}
-	var names []string
-	members := map[string]Member{}
-	for _, m := range s.node.Alive() {
-		if m.Name != s.node.Name() && m.Repl != "" {
-			names = append(names, m.Name)
-			members[m.Name] = m
-		}
-	}
-	holders := rank(msg.ID, names)
-	if len(holders) > want {
-		holders = holders[:want]
-	}
+	holders, members := s.chooseHolders(msg.ID, want, nil)
 	if len(holders) < want && s.cfg.RequireReplicas {
 		done(ErrNoReplicas)
 		return
@@ -254,6 +243,31 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		return
 	}
 	msg.Peers = append([]string{s.node.Name()}, holders...)
+	s.sendCopies(msg, body, holders, members, want, done)
+}
+
+// chooseHolders ranks the alive peers (except those in exclude) for id
+// and returns the first want of them.
+func (s *Service) chooseHolders(id spool.ID, want int, exclude map[string]bool) ([]string, map[string]Member) {
+	var names []string
+	members := map[string]Member{}
+	for _, m := range s.node.Alive() {
+		if m.Name != s.node.Name() && m.Repl != "" && !exclude[m.Name] {
+			names = append(names, m.Name)
+			members[m.Name] = m
+		}
+	}
+	holders := rank(id, names)
+	if len(holders) > want {
+		holders = holders[:want]
+	}
+	return holders, members
+}
+
+// sendCopies sends msg (with its Peers already set) to holders and calls
+// done when all have answered or ReplicationTimeout has passed; with
+// RequireReplicas, fewer than want acknowledgements is ErrNoReplicas.
+func (s *Service) sendCopies(msg *spool.Message, body []byte, holders []string, members map[string]Member, want int, done func(error)) {
 	payload := appendMessage(nil, msg)
 	payload = append(payload, body...)
 	var (
@@ -263,6 +277,17 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		finished bool
 		timer    *time.Timer
 	)
+	end := func(n int) {
+		s.repl.replicated.Add(int64(n))
+		if n < want {
+			s.repl.short.Add(1)
+		}
+		if n < want && s.cfg.RequireReplicas {
+			done(ErrNoReplicas)
+			return
+		}
+		done(nil)
+	}
 	finish := func(err error) {
 		mu.Lock()
 		if finished {
@@ -281,16 +306,9 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		if timer != nil {
 			timer.Stop()
 		}
+		n := ok
 		mu.Unlock()
-		s.repl.replicated.Add(int64(ok))
-		if ok < want {
-			s.repl.short.Add(1)
-		}
-		if ok < want && s.cfg.RequireReplicas {
-			done(ErrNoReplicas)
-			return
-		}
-		done(nil)
+		end(n)
 	}
 	mu.Lock()
 	timer = time.AfterFunc(s.cfg.ReplicationTimeout, func() {
@@ -302,13 +320,7 @@ func (s *Service) Replicate(msg *spool.Message, body []byte, done func(error)) {
 		finished = true
 		n := ok
 		mu.Unlock()
-		s.repl.replicated.Add(int64(n))
-		s.repl.short.Add(1)
-		if s.cfg.RequireReplicas && n < want {
-			done(ErrNoReplicas)
-			return
-		}
-		done(nil)
+		end(n)
 	})
 	mu.Unlock()
 	for _, h := range holders {
@@ -389,6 +401,7 @@ func (s *Service) takeoverPass() {
 	}
 	var wg sync.WaitGroup
 	var n atomic.Int64
+	want := s.cfg.ReplicaCount()
 	for _, it := range items {
 		m := it.msg
 		body, err := s.replicas.Body(m.ID)
@@ -396,37 +409,69 @@ func (s *Service) takeoverPass() {
 			s.log.Error("reading a replica", "msg_id", m.ID.String(), "err", err)
 			continue
 		}
-		nm := *m
-		nm.Peers = nil
-		nm.Rcpts = nil
+		pending := false
+		var final []spool.Recipient
 		for _, r := range m.Rcpts {
 			if r.State == spool.Pending {
-				nm.Rcpts = append(nm.Rcpts, r)
+				pending = true
+			} else {
+				final = append(final, r)
 			}
 		}
-		others := m.Peers[1:]
-		if len(nm.Rcpts) == 0 {
+		if !pending {
 			_ = s.replicas.Delete(m.ID)
 			continue
 		}
+		// The message keeps all its recipients (their indexes are those
+		// of the other copies) and is copied again up to Replicas: the
+		// other old holders still alive keep their copies (they are
+		// replicas of it now, and take over should this node fail too),
+		// new holders make up the rest.
+		nm := *m
+		nm.Rcpts = append([]spool.Recipient(nil), m.Rcpts...)
+		nm.Peers = []string{self}
+		exclude := map[string]bool{}
+		for _, h := range m.Peers {
+			exclude[h] = true
+			if h != self && h != it.origin && alive[h] {
+				nm.Peers = append(nm.Peers, h)
+			}
+		}
+		var fresh []string
+		var members map[string]Member
+		if need := want - (len(nm.Peers) - 1); need > 0 {
+			fresh, members = s.chooseHolders(m.ID, need, exclude)
+			nm.Peers = append(nm.Peers, fresh...)
+		}
 		wg.Add(1)
-		s.opt.Store.Commit(&nm, body, func(err error) {
+		var copied chan error
+		if len(fresh) > 0 {
+			copied = make(chan error, 1)
+			s.sendCopies(&nm, body, fresh, members, len(fresh), func(err error) { copied <- err })
+		}
+		committed := make(chan error, 1)
+		s.opt.Store.Commit(&nm, body, func(err error) { committed <- err }) // done must not block
+		go func() {
 			defer wg.Done()
+			err := <-committed
+			if copied != nil {
+				<-copied
+			}
 			if err != nil {
 				s.log.Error("taking over a message", "msg_id", m.ID.String(), "err", err)
 				return
 			}
+			if len(final) > 0 {
+				// Recipients already finished stay finished.
+				removed, err := s.opt.Store.Update(nm.ID, final)
+				if err != nil {
+					s.log.Error("taking over a message", "msg_id", m.ID.String(), "err", err)
+				}
+				s.Recorded(&nm, final, removed)
+			}
 			n.Add(1)
 			_ = s.replicas.Delete(m.ID)
-			for _, h := range others {
-				if h == self {
-					continue
-				}
-				if mm, ok := s.node.Member(h); ok && mm.Alive() {
-					_ = s.repl.peer(mm).send(frameDrop, m.ID[:], false, nil, nil)
-				}
-			}
-		})
+		}()
 	}
 	wg.Wait()
 	s.takenOver.Add(n.Load())

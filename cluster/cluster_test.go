@@ -182,31 +182,53 @@ func TestReplicationTakeoverReconcile(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	a.kill()
 
-	// Every message is now queued on exactly one survivor, with only its
-	// pending recipients.
+	// Every message is now queued on exactly one survivor, the recipient
+	// delivered before the failure still delivered, and copied again to
+	// the other survivor (replicas = 1).
 	waitFor(t, "takeover", 15*time.Second, func() bool {
 		return b.store.Stats().Messages+c.store.Stats().Messages == 20
 	})
+	byName := map[string]*testNode{"b": b, "c": c}
 	for _, m := range msgs {
 		var found []string
 		for _, n := range []*testNode{b, c} {
-			if got, err := n.store.Load(m.ID); err == nil {
-				found = append(found, n.name)
-				want := 2
-				if m.ID == msgs[0].ID {
-					want = 1
-				}
-				if len(got.Rcpts) != want {
-					t.Errorf("%s on %s has %d recipients, want %d", m.ID, n.name, len(got.Rcpts), want)
+			got, err := n.store.Load(m.ID)
+			if err != nil {
+				continue
+			}
+			found = append(found, n.name)
+			pending := 0
+			for _, r := range got.Rcpts {
+				if r.State == spool.Pending {
+					pending++
 				}
 			}
+			want := 2
+			if m.ID == msgs[0].ID {
+				want = 1
+				if got.Rcpts[0].State != spool.Delivered {
+					t.Errorf("%s: the recipient delivered before the failure is %v on %s", m.ID, got.Rcpts[0].State, n.name)
+				}
+			}
+			if pending != want {
+				t.Errorf("%s on %s has %d pending recipients, want %d", m.ID, n.name, pending, want)
+			}
+			if len(got.Peers) != 2 || got.Peers[0] != n.name {
+				t.Errorf("%s on %s: peers %q, want itself and a new holder", m.ID, n.name, got.Peers)
+				continue
+			}
+			copyOn := byName[got.Peers[1]]
+			waitFor(t, "new copy", 5*time.Second, func() bool {
+				cp, err := copyOn.svc.replicas.Load(m.ID)
+				return err == nil && len(cp.Peers) == 2 && cp.Peers[0] == n.name
+			})
 		}
 		if len(found) != 1 {
 			t.Errorf("%s queued on %v", m.ID, found)
 		}
 	}
-	if n := b.svc.replicas.Stats().Messages + c.svc.replicas.Stats().Messages; n != 0 {
-		t.Errorf("%d copies left in replica stores after takeover", n)
+	if n := b.svc.replicas.Stats().Messages + c.svc.replicas.Stats().Messages; n != 20 {
+		t.Errorf("%d copies in replica stores after takeover, want 20 (one per message)", n)
 	}
 
 	// a returns with its disk: it drops what the others took over.
@@ -368,11 +390,13 @@ func TestTwoReplicasSurviveTwoFailures(t *testing.T) {
 			t.Errorf("%s queued on %d survivors", m.ID, k)
 		}
 	}
-	time.Sleep(300 * time.Millisecond) // drops to the other holders
+	// The taken-over mail is copied again to the one other survivor.
+	var copies int64
 	for _, tn := range rest {
-		if n := tn.svc.replicas.Stats().Messages; n != 0 {
-			t.Errorf("%s still holds %d copies", tn.name, n)
-		}
+		copies += tn.svc.replicas.Stats().Messages
+	}
+	if copies != int64(len(msgs)) {
+		t.Errorf("%d copies of the taken-over mail, want %d", copies, len(msgs))
 	}
 }
 
