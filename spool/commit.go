@@ -122,6 +122,10 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) bool {
 			err = s.encodeCommit(w, b, r)
 		} else {
 			err = b.Apply(r.batch, nil)
+			// Copied into the group: back to pebble's pool, with its
+			// buffer, for the next Update.
+			_ = r.batch.Close()
+			r.batch = nil
 		}
 		if err != nil {
 			s.finish(r, err)
