@@ -105,8 +105,11 @@ func (d *daemonState) clusterRoutes(mux *http.ServeMux) {
 
 // cmdCluster is `hermod cluster members|stats`.
 func cmdCluster(args []string) error {
+	if len(args) > 0 && args[0] == "push-config" {
+		return cmdClusterPushConfig(args[1:])
+	}
 	if len(args) == 0 {
-		return fmt.Errorf("cluster: want members, stats, block, unblock or blocks")
+		return fmt.Errorf("cluster: want members, stats, push-config, block, unblock or blocks")
 	}
 	fs := flag.NewFlagSet("cluster "+args[0], flag.ExitOnError)
 	admin := fs.String("http", "127.0.0.1:8025", "admin address (host:port) of any running node")

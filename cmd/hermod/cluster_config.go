@@ -193,6 +193,7 @@ func (d *daemonState) applyMaster(boot Config, doc []byte, version uint64) (stri
 	lv, _ := parseLevel(cfg.Log.Level)
 	d.level.Set(lv)
 	d.server.Load().SetTLSConfig(tlsCfg)
+	d.applyClusterLive(cfg)
 	restart := restartSections(boot, cfg)
 	d.cfg.Store(&cfg)
 	var notes []string
@@ -258,6 +259,7 @@ func restartSections(old, cfg Config) []string {
 		c.DNS.Now = nil
 		c.Spool.FS, c.Spool.Clock = nil, nil
 		c.Delivery.TLSConfig, c.Delivery.Logger = nil, nil
+		c.Cluster.DomainLimits, c.Cluster.DomainRates = nil, nil // applied live
 	}
 	var out []string
 	for _, p := range []struct {

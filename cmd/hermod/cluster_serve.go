@@ -41,6 +41,12 @@ func (d *daemonState) startCluster(cfg Config, store *spool.Store, backend func(
 	if err != nil {
 		return nil, err
 	}
+	// Registered before the node starts: it handles gossip events.
+	cd, err := d.newConfigDist(svc.Node(), cfg, d.masterErr)
+	if err != nil {
+		return nil, err
+	}
+	d.confDist = cd
 	if err := svc.Start(); err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -237,6 +238,51 @@ domain_limits = { %q = %d }
 		t.Errorf("cluster log: %d delivered records (%v), sink got %d; missing %v", len(lg.Records), perNode, st.Recipients, lg.Missing)
 	}
 	t.Logf("cluster log: %d delivered records by node %v", len(lg.Records), perNode)
+
+	// A master configuration pushed from one node reaches all three (it
+	// carries every shared key: what it leaves out takes its default).
+	master := fmt.Sprintf(`[smtp]
+max_connections_per_ip = 500
+max_hops = 60
+[dns]
+resolvers = [%q]
+[delivery]
+port = %d
+tls = "disabled"
+retry = ["1s"]
+connect_timeout = "2s"
+scan_interval = "200ms"
+max_connections_per_domain = 20
+[cluster]
+probe_interval = "100ms"
+reconcile_timeout = "5s"
+count_interval = "100ms"
+domain_limits = { %q = %d }
+[log]
+level = "debug"
+[node.n2.log]
+level = "info"
+`, dnsSrv.Addr(), port, bench.TestDomain(1), limit)
+	resp, err := http.Post("http://"+nodes[1].http+"/api/cluster/config", "application/toml", strings.NewReader(master))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var push cluster.PushResult
+	err = json.NewDecoder(resp.Body).Decode(&push)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 200 || !push.Complete() || len(push.Nodes) != 3 {
+		t.Fatalf("push-config: %v %d %+v", err, resp.StatusCode, push)
+	}
+	for _, n := range nodes {
+		_, body := n.get("/api/cluster/config/status")
+		var cst struct {
+			Version uint64 `json:"version"`
+		}
+		if err := json.Unmarshal([]byte(body), &cst); err != nil || cst.Version != push.Version {
+			t.Errorf("%s after the push: %s", n.smtp, body)
+		}
+	}
+	t.Logf("config version %d applied on all %d nodes", push.Version, len(push.Nodes))
 
 	// Phase 2: load into n1 only; kill -9 it mid-way.
 	var accepted atomic.Int64

@@ -10,6 +10,7 @@
 //	hermod log [-cluster] [-domain D] [-event E] [-msg ID] [-rcpt R] [-minutes N] [-n N]
 //	hermod cluster members|stats|blocks [-http ADDR]
 //	hermod cluster block|unblock CIDR [-for DURATION] [-reason TEXT]
+//	hermod cluster push-config FILE [-http ADDR] [-wait 10s] [-json]
 //	hermod version
 package main
 
@@ -49,6 +50,8 @@ commands:
   cluster members
                 the cluster's nodes as this node sees them (-http ADDR)
   cluster stats deliverability per domain for the whole cluster (-http ADDR, -minutes N | -hours N, -domain D, -top N)
+  cluster push-config FILE [-http ADDR] [-wait 10s] [-json]
+                distribute a master configuration to every node ([node.NAME] tables override per node)
   cluster block CIDR [-for DURATION] [-reason TEXT]
                 refuse a network's connections on every node (554 5.7.1); cluster unblock CIDR, cluster blocks
   version       print the version

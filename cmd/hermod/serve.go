@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"reflect"
 	"strconv"
 	"sync/atomic"
 	"syscall"
@@ -42,10 +41,16 @@ func cmdServe(args []string) error {
 		return err
 	}
 	level := new(slog.LevelVar)
+	cfg, masterVersion, masterErr := loadStoredMaster(cfg)
 	lv, _ := parseLevel(cfg.Log.Level)
 	level.Set(lv)
 	log := newLogger(cfg.Log.Format, level)
-	d := &daemonState{cfgPath: *cfgPath, log: log, level: level}
+	if masterErr != nil {
+		log.Error("stored cluster configuration not applied: running the local file", "err", masterErr)
+	} else if masterVersion > 0 {
+		log.Info("running the cluster configuration", "version", masterVersion)
+	}
+	d := &daemonState{cfgPath: *cfgPath, log: log, level: level, masterErr: masterErr}
 	return d.run(cfg)
 }
 
@@ -64,14 +69,16 @@ type daemonState struct {
 	level   *slog.LevelVar
 	cfg     atomic.Pointer[Config]
 
-	store    *spool.Store
-	stats    *engine.DomainStats
-	recent   *engine.RecentLog
-	cluster  *cluster.Service
-	receiver *engine.Receiver
-	sched    *engine.Scheduler
-	server   atomic.Pointer[netio.Server] // replaced when binding is retried
-	healthy  atomic.Bool
+	store     *spool.Store
+	stats     *engine.DomainStats
+	recent    *engine.RecentLog
+	cluster   *cluster.Service
+	confDist  *cluster.ConfigDist // master configuration (nil when not clustered)
+	masterErr error               // why the stored master configuration was not applied at startup
+	receiver  *engine.Receiver
+	sched     *engine.Scheduler
+	server    atomic.Pointer[netio.Server] // replaced when binding is retried
+	healthy   atomic.Bool
 }
 
 func loadTLS(cfg netio.ServerConfig) (*tls.Config, error) {
@@ -240,6 +247,10 @@ func (d *daemonState) run(cfg Config) error {
 		break
 	}
 	d.healthy.Store(true)
+	if d.confDist != nil {
+		d.confDist.Start()
+		defer d.confDist.Close()
+	}
 	log.Info("hermod ready", "smtp", cfg.SMTP.Listen, "http", cfg.HTTP.Listen, "hostname", cfg.Server.Hostname)
 	_, _ = daemon.SdNotify(false, daemon.SdNotifyReady)
 	stopWatchdog := startWatchdog()
@@ -306,6 +317,11 @@ func (d *daemonState) reload() {
 		d.log.Error("reload refused: configuration invalid, keeping the running one", "err", err)
 		return
 	}
+	if mcfg, v, err := loadStoredMaster(cfg); err != nil {
+		d.log.Error("reload: the stored cluster configuration does not fit the file; running the file alone", "err", err)
+	} else if v > 0 {
+		cfg = mcfg
+	}
 	tlsCfg, err := loadTLS(cfg.SMTP.ServerConfig)
 	if err != nil {
 		d.log.Error("reload refused", "err", err)
@@ -318,21 +334,10 @@ func (d *daemonState) reload() {
 	lv, _ := parseLevel(cfg.Log.Level)
 	d.level.Set(lv)
 	d.server.Load().SetTLSConfig(tlsCfg)
+	d.applyClusterLive(cfg)
 	// Keys that need a restart.
-	type pair struct {
-		name     string
-		old, new any
-	}
-	oldSrv, newSrv := old.SMTP.ServerConfig, cfg.SMTP.ServerConfig
-	oldSrv.TLSCert, oldSrv.TLSKey, newSrv.TLSCert, newSrv.TLSKey = "", "", "", ""
-	for _, p := range []pair{
-		{"server", old.Server, cfg.Server}, {"smtp", oldSrv, newSrv}, {"spool", old.Spool, cfg.Spool},
-		{"dns", old.DNS, cfg.DNS}, {"delivery", old.Delivery, cfg.Delivery}, {"http", old.HTTP, cfg.HTTP},
-		{"log.format", old.Log.Format, cfg.Log.Format}, {"log.delivery_log", old.Log.DeliveryLog, cfg.Log.DeliveryLog},
-	} {
-		if !reflect.DeepEqual(p.old, p.new) {
-			d.log.Warn("reload: changes to this section take effect at the next restart", "section", p.name)
-		}
+	for _, sec := range restartSections(*old, cfg) {
+		d.log.Warn("reload: changes to this section take effect at the next restart", "section", sec)
 	}
 	d.cfg.Store(&cfg)
 	d.log.Info("configuration reloaded", "log_level", cfg.Log.Level, "relay_networks", cfg.SMTP.RelayNetworks,
@@ -443,6 +448,7 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 	})
 	mux.HandleFunc("GET /api/stats/domains", statsDomainsHandler(d.stats, time.Now))
 	d.clusterRoutes(mux)
+	configRoutes(mux, func() *cluster.ConfigDist { return d.confDist })
 	d.logRoutes(mux)
 	// Top-N destinations (Postfix's qshape, live): busiest first.
 	mux.HandleFunc("GET /api/domains", func(w http.ResponseWriter, r *http.Request) {
@@ -507,4 +513,14 @@ func (c liveServerCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c liveServerCollector) Collect(ch chan<- prometheus.Metric) {
 	c.d.server.Load().Collector().Collect(ch)
+}
+
+// applyClusterLive applies what of [cluster] changes live: the
+// cluster-wide domain limits and rates.
+func (d *daemonState) applyClusterLive(cfg Config) {
+	if d.cluster == nil {
+		return
+	}
+	d.cluster.Limits().SetLimits(cfg.Cluster.DomainLimits)
+	d.cluster.Limits().SetRates(cfg.Cluster.DomainRates)
 }
