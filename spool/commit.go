@@ -572,6 +572,7 @@ func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed 
 		setDue = newDue
 	}
 	if b.Empty() {
+		_ = b.Close()
 		return false, nil
 	}
 	if err := s.write(b, delta, setDue); err != nil {
