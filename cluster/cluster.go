@@ -30,6 +30,9 @@ type ServiceOptions struct {
 	// SMTP and HTTP are this node's listen addresses (published in tags).
 	SMTP []string
 	HTTP string
+	// LookupMX returns a domain's MX host names, most preferred first
+	// (site limits). nil disables site limits.
+	LookupMX func(domain string) ([]string, error)
 	// Listen starts an SMTP listener on a failed peer's address and
 	// returns the function that stops it. nil disables address takeover.
 	Listen func(addr string) (stop func(), err error)
@@ -88,6 +91,7 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 		func() int { return len(node.Alive()) },
 		func(p []byte) error { return node.Broadcast(countEvent, p) })
 	s.limits.SetRates(cfg.DomainRates)
+	s.limits.SetSiteLimits(cfg.SiteLimits, opt.LookupMX)
 	if err := os.MkdirAll(opt.StateDir, 0o750); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}

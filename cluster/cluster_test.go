@@ -461,3 +461,71 @@ func TestCheckCopies(t *testing.T) {
 		t.Fatalf("dropped %d recent copies", n)
 	}
 }
+
+// TestLimitsSite: domains whose MX hosts share a suffix share the site's
+// cluster-wide limit.
+func TestLimitsSite(t *testing.T) {
+	iv := 100 * time.Millisecond
+	now := time.Unix(1e9, 0)
+	mx := map[string][]string{
+		"a.test": {"mx1.big.example", "backup.elsewhere.test"},
+		"b.test": {"MX2.Big.Example."},
+		"c.test": {"mx.other.test"},
+	}
+	lookup := func(d string) ([]string, error) { return mx[d], nil }
+	newL := func(name string) *Limits {
+		l := NewLimits(name, nil, iv, func() int { return 2 }, func([]byte) error { return nil })
+		l.now = func() time.Time { return now }
+		l.SetSiteLimits(map[string]int{"big.example": 4}, lookup)
+		return l
+	}
+	a, b := newL("a"), newL("b")
+	allow := func(l *Limits, d string) (int, bool) {
+		t.Helper()
+		var n int
+		var ok bool
+		waitFor(t, "site lookup of "+d, 5*time.Second, func() bool {
+			n, ok = l.Allowance(d)
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			_, known := l.siteOf[d]
+			return known
+		})
+		return n, ok
+	}
+	if _, ok := allow(a, "c.test"); ok {
+		t.Fatal("a domain of another site is limited")
+	}
+	if n, ok := allow(a, "a.test"); !ok || n != 2 {
+		t.Fatalf("a.test on a, b unheard: %d %v, want the share 2", n, ok)
+	}
+	now = now.Add(3 * iv)
+	for _, p := range b.payloads() {
+		a.HandleEvent(p) // b wants nothing
+	}
+	if n, _ := allow(a, "b.test"); n != 4 {
+		t.Fatalf("b.test on a, b idle: %d, want 4", n)
+	}
+	a.Opened("a.test")
+	a.Opened("a.test")
+	a.Opened("b.test")
+	a.Opened("b.test")
+	if got := a.ClusterHeld("site:big.example"); got != 4 {
+		t.Fatalf("site held on a: %d", got)
+	}
+	for _, p := range a.payloads() {
+		b.HandleEvent(p)
+	}
+	if n, ok := allow(b, "a.test"); !ok || n != 0 {
+		t.Fatalf("a.test on b while a holds the site's 4: %d %v", n, ok)
+	}
+	a.Closed("a.test")
+	a.Closed("b.test")
+	now = now.Add(3 * iv)
+	for _, p := range a.payloads() {
+		b.HandleEvent(p)
+	}
+	if n, _ := allow(b, "b.test"); n != 2 {
+		t.Fatalf("b.test on b after a gave 2 back: %d, want 2", n)
+	}
+}

@@ -79,6 +79,10 @@ type Config struct {
 	// Default: 0.
 	MaxConnectionRatePerIP int `toml:"max_connection_rate_per_ip"`
 
+	// SiteLimits are cluster-wide connection limits per site: all domains
+	// whose most preferred MX host matching a key ends in that key (e.g.
+	// "google.com" for aspmx.l.google.com) share the limit. Default: {}.
+	SiteLimits map[string]int `toml:"site_limits"`
 	// DomainRates are cluster-wide message rates per destination domain
 	// (messages per second, all nodes together), split among the nodes
 	// that have mail for it. Default: {}.
@@ -149,6 +153,9 @@ func (c *Config) EnsureDefaults(hostname string) {
 	if c.DomainRates == nil {
 		c.DomainRates = map[string]float64{}
 	}
+	if c.SiteLimits == nil {
+		c.SiteLimits = map[string]int{}
+	}
 	if c.CountInterval == 0 {
 		c.CountInterval = 500 * time.Millisecond
 	}
@@ -211,6 +218,14 @@ func (c *Config) Validate() error {
 		}
 		if d != strings.ToLower(d) || strings.ContainsAny(d, " @[]") || d == "" {
 			errs = append(errs, fmt.Errorf("cluster.domain_limits: %q must be a lower-case domain", d))
+		}
+	}
+	for site, n := range c.SiteLimits {
+		if n < 1 {
+			errs = append(errs, fmt.Errorf("cluster.site_limits: %q = %d must be at least 1", site, n))
+		}
+		if site != strings.ToLower(site) || strings.ContainsAny(site, " @[]") || strings.Trim(site, ".") == "" {
+			errs = append(errs, fmt.Errorf("cluster.site_limits: %q must be a lower-case host name suffix", site))
 		}
 	}
 	for d, r := range c.DomainRates {

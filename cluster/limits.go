@@ -3,6 +3,8 @@ package cluster
 import (
 	"encoding/binary"
 	"errors"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -45,7 +47,15 @@ type Limits struct {
 	limits map[string]int
 	rates  map[string]float64 // messages per second, cluster-wide
 	local  map[string]*localCount
-	peers  map[string]map[string]peerCount // node → domain → count
+	peers  map[string]map[string]peerCount // node → domain (or site key) → count
+
+	// Sites: connection limits shared by all domains whose MX hosts end
+	// in a suffix (site_limits); counted under the key "site:" + suffix.
+	sites     []string             // suffixes, longest first
+	siteOf    map[string]siteEntry // domain → its site ("" none), cached
+	lookupMX  func(domain string) ([]string, error)
+	resolving map[string]bool
+	openSite  map[string]string // domain → site its open connections count under
 
 	stop chan struct{}
 	done chan struct{}
@@ -75,8 +85,9 @@ func NewLimits(self string, limits map[string]int, interval time.Duration, alive
 	l := &Limits{
 		self: self, interval: interval, now: time.Now, alive: alive, send: send,
 		limits: map[string]int{}, rates: map[string]float64{}, local: map[string]*localCount{},
-		peers: map[string]map[string]peerCount{},
-		stop:  make(chan struct{}), done: make(chan struct{}),
+		peers: map[string]map[string]peerCount{}, siteOf: map[string]siteEntry{},
+		resolving: map[string]bool{}, openSite: map[string]string{},
+		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	l.SetLimits(limits)
 	return l
@@ -86,47 +97,163 @@ func NewLimits(self string, limits map[string]int, interval time.Duration, alive
 func (l *Limits) SetLimits(limits map[string]int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.limits = make(map[string]int, len(limits))
+	keep := map[string]int{}
+	for k, n := range l.limits {
+		if strings.HasPrefix(k, sitePrefix) {
+			keep[k] = n
+		}
+	}
+	l.limits = keep
 	for d, n := range limits {
 		l.limits[d] = n
 	}
 }
 
-// Allowance implements engine.ConnLimits.
+const (
+	sitePrefix = "site:"
+	siteTTL    = 10 * time.Minute
+)
+
+type siteEntry struct {
+	site string
+	at   time.Time
+}
+
+// SetSiteLimits replaces the per-site limits: suffix of MX host names →
+// connections all nodes together hold to the domains served there.
+// lookupMX returns a domain's MX host names, most preferred first; it
+// may block (it runs on its own goroutine) and is cached for 10 minutes.
+func (l *Limits) SetSiteLimits(sites map[string]int, lookupMX func(domain string) ([]string, error)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k := range l.limits {
+		if strings.HasPrefix(k, sitePrefix) {
+			delete(l.limits, k)
+		}
+	}
+	l.sites = l.sites[:0]
+	for suffix, n := range sites {
+		suffix = strings.ToLower(strings.TrimSuffix(strings.TrimPrefix(suffix, "."), "."))
+		l.limits[sitePrefix+suffix] = n
+		l.sites = append(l.sites, suffix)
+	}
+	slices.SortFunc(l.sites, func(a, b string) int { return len(b) - len(a) })
+	l.siteOf = map[string]siteEntry{}
+	if lookupMX != nil {
+		l.lookupMX = lookupMX
+	}
+}
+
+// siteKey returns the site key of domain, "" when it has none or is not
+// known yet (a lookup is then started).
+func (l *Limits) siteKey(domain string, now time.Time) string {
+	if len(l.sites) == 0 || l.lookupMX == nil {
+		return ""
+	}
+	if e, ok := l.siteOf[domain]; ok && now.Sub(e.at) < siteTTL {
+		if e.site == "" {
+			return ""
+		}
+		return sitePrefix + e.site
+	}
+	if !l.resolving[domain] {
+		l.resolving[domain] = true
+		go l.resolveSite(domain)
+	}
+	if e, ok := l.siteOf[domain]; ok && e.site != "" {
+		return sitePrefix + e.site // stale but better than none
+	}
+	return ""
+}
+
+func (l *Limits) resolveSite(domain string) {
+	hosts, err := l.lookupMX(domain)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.resolving, domain)
+	if err != nil {
+		return // tried again at the next allowance request
+	}
+	site := ""
+	for _, h := range hosts {
+		h = strings.ToLower(strings.TrimSuffix(h, "."))
+		for _, suf := range l.sites {
+			if h == suf || strings.HasSuffix(h, "."+suf) {
+				site = suf
+				break
+			}
+		}
+		if site != "" {
+			break
+		}
+	}
+	l.siteOf[domain] = siteEntry{site: site, at: l.now()}
+}
+
+// Allowance implements engine.ConnLimits: the smaller of the domain's
+// allowance and its site's, each by the rule in the type's comment.
 func (l *Limits) Allowance(domain string) (int, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	limit, ok := l.limits[domain]
-	if !ok {
-		return 0, false
-	}
 	now := l.now()
-	lc := l.want(domain, now)
+	n, ok := 0, false
+	if _, lim := l.limits[domain]; lim {
+		n, ok = l.allowanceKey(domain, l.want(domain, now).conns, now), true
+	}
+	if sk := l.siteKey(domain, now); sk != "" {
+		l.want(domain, now) // the domain's count feeds the site's
+		held := l.siteHeld(sk)
+		l.want(sk, now).conns = held
+		if a := l.allowanceKey(sk, held, now); !ok || a < n {
+			n, ok = a, true
+		}
+	}
+	return n, ok
+}
+
+// siteHeld sums this node's connections counted under site key sk.
+func (l *Limits) siteHeld(sk string) int {
+	n := 0
+	for d, s := range l.openSite {
+		if s == sk {
+			if lc := l.local[d]; lc != nil {
+				n += lc.conns
+			}
+		}
+	}
+	return n
+}
+
+// allowanceKey applies the rule to one key (a domain or a site) given
+// this node's count held for it.
+func (l *Limits) allowanceKey(key string, held int, now time.Time) int {
+	limit := l.limits[key]
+	lc := l.local[key]
 	n := max(l.alive(), 1)
 	share := limit / n
 	others, heard := 0, 0
 	stale := now.Add(-3 * l.interval)
 	for _, counts := range l.peers {
-		c, ok := counts[domain]
+		c, ok := counts[key]
 		if !ok || c.at.Before(stale) {
 			continue
 		}
 		heard++
-		held := c.conns
-		if c.demand && held < share {
-			held = share
+		h := c.conns
+		if c.demand && h < share {
+			h = share
 		}
-		others += held
+		others += h
 	}
 	// Alive nodes not heard from lately may want their share.
 	others += max(n-1-heard, 0) * share
 	allowed := max(limit-others, 0)
-	if now.Sub(lc.wantedFrom) < 2*l.interval+l.interval/2 {
+	if lc != nil && now.Sub(lc.wantedFrom) < 2*l.interval+l.interval/2 {
 		// Our demand is new: the others have not seen it yet and may be
 		// borrowing our share. Take at most the share until they have.
-		allowed = min(allowed, max(share, lc.conns))
+		allowed = min(allowed, max(share, held))
 	}
-	return allowed, true
+	return allowed
 }
 
 // want records local demand for domain and returns its count.
@@ -189,10 +316,16 @@ func (l *Limits) Rate(domain string) (float64, bool) {
 func (l *Limits) Opened(domain string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if _, ok := l.limits[domain]; !ok {
-		if _, ok := l.rates[domain]; !ok {
-			return
-		}
+	_, lim := l.limits[domain]
+	_, rated := l.rates[domain]
+	sk := ""
+	if lc := l.local[domain]; lc != nil && lc.conns > 0 {
+		sk = l.openSite[domain] // keep counting under the site of the open ones
+	} else {
+		sk = l.siteKey(domain, l.now())
+	}
+	if !lim && !rated && sk == "" {
+		return
 	}
 	lc := l.local[domain]
 	if lc == nil {
@@ -200,6 +333,9 @@ func (l *Limits) Opened(domain string) {
 		l.local[domain] = lc
 	}
 	lc.conns++
+	if sk != "" {
+		l.openSite[domain] = sk
+	}
 }
 
 // Closed implements engine.ConnLimits.
@@ -208,6 +344,9 @@ func (l *Limits) Closed(domain string) {
 	defer l.mu.Unlock()
 	if lc := l.local[domain]; lc != nil && lc.conns > 0 {
 		lc.conns--
+		if lc.conns == 0 {
+			delete(l.openSite, domain)
+		}
 	}
 }
 
@@ -270,11 +409,20 @@ func (l *Limits) payloads() [][]byte {
 	for d := range l.rates {
 		domains[d] = true
 	}
+	// Forget idle domains counted only for their site.
+	for d, lc := range l.local {
+		if lc.conns == 0 && !domains[d] && now.Sub(lc.wanted) >= demandWindow {
+			delete(l.local, d)
+		}
+	}
 	for d := range domains {
 		demand, conns := false, 0
 		if lc := l.local[d]; lc != nil {
 			demand = now.Sub(lc.wanted) < demandWindow
 			conns = lc.conns
+		}
+		if strings.HasPrefix(d, sitePrefix) {
+			conns = l.siteHeld(d)
 		}
 		if cur == nil {
 			start()
@@ -331,6 +479,9 @@ func (l *Limits) ClusterHeld(domain string) int {
 	n := 0
 	if lc := l.local[domain]; lc != nil {
 		n = lc.conns
+	}
+	if strings.HasPrefix(domain, sitePrefix) {
+		n = l.siteHeld(domain)
 	}
 	stale := l.now().Add(-3 * l.interval)
 	for _, counts := range l.peers {

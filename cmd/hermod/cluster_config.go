@@ -259,7 +259,7 @@ func restartSections(old, cfg Config) []string {
 		c.DNS.Now = nil
 		c.Spool.FS, c.Spool.Clock = nil, nil
 		c.Delivery.TLSConfig, c.Delivery.Logger = nil, nil
-		c.Cluster.DomainLimits, c.Cluster.DomainRates = nil, nil // applied live
+		c.Cluster.DomainLimits, c.Cluster.DomainRates, c.Cluster.SiteLimits = nil, nil, nil // applied live
 	}
 	var out []string
 	for _, p := range []struct {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hermod-mta/hermod/cluster"
+	"github.com/hermod-mta/hermod/dnscache"
 	"github.com/hermod-mta/hermod/netio"
 	"github.com/hermod-mta/hermod/spool"
 )
@@ -15,7 +16,7 @@ import (
 // startCluster joins the cluster and reconciles with the peers before
 // delivery starts. backend returns the SMTP backend once it exists (nil
 // before): listeners taken over from failed peers serve it.
-func (d *daemonState) startCluster(cfg Config, store *spool.Store, backend func() netio.Backend) (*cluster.Service, error) {
+func (d *daemonState) startCluster(cfg Config, store *spool.Store, resolver *dnscache.Cache, backend func() netio.Backend) (*cluster.Service, error) {
 	log := d.log
 	rcfg := cfg.Spool
 	rcfg.Dir = filepath.Join(cfg.Spool.Dir, "replicas")
@@ -29,7 +30,17 @@ func (d *daemonState) startCluster(cfg Config, store *spool.Store, backend func(
 		ReplicaSpool: rcfg,
 		StateDir:     filepath.Join(cfg.Spool.Dir, "cluster"),
 		SMTP:         cfg.SMTP.Listen,
-		HTTP:         httpAddr,
+		LookupMX: func(domain string) ([]string, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			mxs, err := resolver.LookupMX(ctx, domain)
+			hosts := make([]string, len(mxs))
+			for i, m := range mxs {
+				hosts[i] = m.Host
+			}
+			return hosts, err
+		},
+		HTTP: httpAddr,
 		Listen: func(addr string) (func(), error) {
 			b := backend()
 			if b == nil {

@@ -147,7 +147,7 @@ func (d *daemonState) run(cfg Config) error {
 	}
 	var recv *engine.Receiver // set below; takeover listeners serve it
 	if cfg.Cluster.Enabled() {
-		svc, err := d.startCluster(cfg, store, func() netio.Backend { return recv })
+		svc, err := d.startCluster(cfg, store, resolver, func() netio.Backend { return recv })
 		if err != nil {
 			return err
 		}
@@ -523,4 +523,5 @@ func (d *daemonState) applyClusterLive(cfg Config) {
 	}
 	d.cluster.Limits().SetLimits(cfg.Cluster.DomainLimits)
 	d.cluster.Limits().SetRates(cfg.Cluster.DomainRates)
+	d.cluster.Limits().SetSiteLimits(cfg.Cluster.SiteLimits, nil)
 }
