@@ -70,7 +70,7 @@ func startNodeR(t *testing.T, name, dir string, bind string, join []string, limi
 	}
 	rcfg := spool.DefaultConfig()
 	rcfg.Dir = filepath.Join(dir, "replicas")
-	svc, err := NewService(cfg, ServiceOptions{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})), Store: st, ReplicaSpool: rcfg, StateDir: filepath.Join(dir, "cluster"),
+	svc, err := NewService(cfg, ServiceOptions{Logger: testLogger(), Store: st, ReplicaSpool: rcfg, StateDir: filepath.Join(dir, "cluster"),
 		SMTP: []string{"127.0.0.1:1"}})
 	if err != nil {
 		t.Fatal(err)
@@ -528,4 +528,12 @@ func TestLimitsSite(t *testing.T) {
 	if n, _ := allow(b, "b.test"); n != 2 {
 		t.Fatalf("b.test on b after a gave 2 back: %d, want 2", n)
 	}
+}
+
+// testLogger discards logs unless HERMOD_TEST_LOG is set.
+func testLogger() *slog.Logger {
+	if os.Getenv("HERMOD_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
 }
