@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -536,4 +537,34 @@ func testLogger() *slog.Logger {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.DiscardHandler)
+}
+
+// TestAddressHook: the hook runs as HOOK add|del ADDRESS and its failure
+// is reported with its output.
+func TestAddressHook(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "calls")
+	hook := filepath.Join(dir, "hook.sh")
+	script := "#!/bin/sh\necho \"$1 $2\" >> " + out + "\n[ \"$2\" = 192.0.2.99:25 ] && { echo no such address; exit 3; }\nexit 0\n"
+	if err := os.WriteFile(hook, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := &Service{cfg: Config{AddressHook: hook}}
+	if err := s.runHook("add", "192.0.2.10:25"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.runHook("del", "192.0.2.10:25"); err != nil {
+		t.Fatal(err)
+	}
+	err := s.runHook("add", "192.0.2.99:25")
+	if err == nil || !strings.Contains(err.Error(), "no such address") {
+		t.Fatalf("failing hook: %v", err)
+	}
+	got, _ := os.ReadFile(out)
+	if string(got) != "add 192.0.2.10:25\ndel 192.0.2.10:25\nadd 192.0.2.99:25\n" {
+		t.Fatalf("hook calls:\n%s", got)
+	}
+	if err := (&Service{}).runHook("add", "x"); err != nil {
+		t.Fatalf("no hook: %v", err)
+	}
 }
