@@ -2,10 +2,12 @@ package cluster
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,7 +64,7 @@ type Service struct {
 
 	addrMu sync.Mutex
 	held   map[string][]func() // failed node → stops of its addresses held here
-	away   map[string]bool     // peers seen failed or gone, not yet back
+	away   map[string]away     // peers seen failed or gone, not yet back
 
 	takenOver  atomic.Int64
 	reconciled atomic.Int64
@@ -85,7 +87,7 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 	}
 	s := &Service{
 		cfg: node.Config(), opt: opt, log: opt.Logger, node: node,
-		kick: make(chan struct{}, 1), stop: make(chan struct{}), held: map[string][]func(){}, away: map[string]bool{},
+		kick: make(chan struct{}, 1), stop: make(chan struct{}), held: map[string][]func(){}, away: map[string]away{},
 	}
 	s.limits = NewLimits(cfg.NodeName, cfg.DomainLimits, cfg.CountInterval,
 		func() int { return len(node.Alive()) },
@@ -100,8 +102,36 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.repl = newReplicator(cfg.NodeName, cfg.ReplicationTimeout, opt.Logger.With("component", "replication"))
+	s.repl = newReplicator(cfg.NodeName, s.secretKey(), cfg.ReplicationTimeout, opt.Logger.With("component", "replication"))
 	return s, nil
+}
+
+// secretKey is the decoded cluster key (nil without one).
+func (s *Service) secretKey() []byte {
+	if s.cfg.SecretKey == "" {
+		return nil
+	}
+	k, _ := base64.StdEncoding.DecodeString(s.cfg.SecretKey) // validated
+	return k
+}
+
+// isMemberAt reports whether name is a known member (not departed) and,
+// without a secret key (which authenticates it instead), whether ip is
+// one of its addresses (gossip or replication).
+func (s *Service) isMemberAt(name string, ip netip.Addr) bool {
+	m, ok := s.node.Member(name)
+	if !ok || m.Status == "left" {
+		return false
+	}
+	if s.cfg.SecretKey != "" {
+		return true
+	}
+	for _, a := range []string{m.Gossip, m.Repl} {
+		if ap, err := netip.ParseAddrPort(a); err == nil && ap.Addr().Unmap() == ip {
+			return true
+		}
+	}
+	return false
 }
 
 // Node returns the membership.
@@ -138,7 +168,7 @@ func (s *Service) Start() error {
 		rs.Close()
 		return fmt.Errorf("cluster.replication_listen: %w", err)
 	}
-	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.opt.Store, s.taken, ln)
+	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.opt.Store, s.taken, ln, s.secretKey(), s.isMemberAt)
 	go s.hold.serve()
 	s.node.HandleUserEvent(countEvent, s.limits.HandleEvent)
 	s.node.HandleUserEvent(ipEvent, s.inbound.HandleIPs)
@@ -167,13 +197,21 @@ func (s *Service) memberChange(ch MemberChange) {
 			s.inbound.Forget(m.Name)
 			s.repl.forget(m.Name)
 			s.addrMu.Lock()
-			s.away[m.Name] = true
+			if _, ok := s.away[m.Name]; !ok || ch.Status == "left" {
+				s.away[m.Name] = away{since: time.Now(), left: ch.Status == "left"}
+			}
 			s.addrMu.Unlock()
+			time.AfterFunc(s.takeoverAfter(ch.Status == "left")+50*time.Millisecond, func() {
+				select {
+				case s.kick <- struct{}{}:
+				default:
+				}
+			})
 		case "alive":
 			// A peer seen failed is back (it restarted, or a partition
 			// healed): ask it what of ours it took over meanwhile.
 			s.addrMu.Lock()
-			back := s.away[m.Name]
+			_, back := s.away[m.Name]
 			delete(s.away, m.Name)
 			s.addrMu.Unlock()
 			if back {
@@ -216,11 +254,33 @@ func (s *Service) background() {
 	}
 }
 
-// alive returns the names of the alive members.
+type away struct {
+	since time.Time
+	left  bool // left gracefully (rather than failed)
+}
+
+func (s *Service) takeoverAfter(left bool) time.Duration {
+	if left {
+		return max(s.cfg.TakeoverDelay, 5*time.Minute)
+	}
+	return s.cfg.TakeoverDelay
+}
+
+// alive returns the names of the members that count as alive for
+// takeover: those alive, and those gone for less than the takeover
+// delay (their mail and addresses are left alone for now).
 func (s *Service) alive() map[string]bool {
 	out := map[string]bool{}
 	for _, m := range s.node.Alive() {
 		out[m.Name] = true
+	}
+	now := time.Now()
+	s.addrMu.Lock()
+	defer s.addrMu.Unlock()
+	for name, a := range s.away {
+		if now.Sub(a.since) < s.takeoverAfter(a.left) {
+			out[name] = true
+		}
 	}
 	return out
 }
@@ -554,14 +614,14 @@ func (s *Service) addressPass() {
 		return
 	}
 	alive := s.alive()
-	var names []string
-	for n := range alive {
-		names = append(names, n)
+	var names []string // candidates: members really alive
+	for _, m := range s.node.Alive() {
+		names = append(names, m.Name)
 	}
 	self := s.node.Name()
 	want := map[string]Member{}
 	for _, m := range s.node.Members() {
-		if m.Status != "failed" || len(m.SMTP) == 0 {
+		if m.Status != "failed" || len(m.SMTP) == 0 || alive[m.Name] {
 			continue
 		}
 		if r := rankKey([]byte(m.Name), names); len(r) > 0 && r[0] == self {

@@ -60,7 +60,7 @@ func startNode(t *testing.T, name, dir string, bind string, join []string, limit
 func startNodeR(t *testing.T, name, dir string, bind string, join []string, limits map[string]int, replicas int) *testNode {
 	t.Helper()
 	cfg := Config{Bind: bind, Join: join, NodeName: name, DomainLimits: limits, ProbeInterval: 100 * time.Millisecond,
-		ReconcileTimeout: 3 * time.Second, CountInterval: 100 * time.Millisecond, Replicas: &replicas}
+		ReconcileTimeout: 3 * time.Second, CountInterval: 100 * time.Millisecond, Replicas: &replicas, TakeoverDelay: time.Second}
 	cfg.EnsureDefaults(name)
 	scfg := spool.DefaultConfig()
 	scfg.Dir = filepath.Join(dir, "spool")
@@ -566,5 +566,58 @@ func TestAddressHook(t *testing.T) {
 	}
 	if err := (&Service{}).runHook("add", "x"); err != nil {
 		t.Fatalf("no hook: %v", err)
+	}
+}
+
+// TestReplicationRefusesStrangers: the replication port answers only
+// cluster members, and with a secret key only those who know it.
+func TestReplicationRefusesStrangers(t *testing.T) {
+	for _, keyed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("keyed=%v", keyed), func(t *testing.T) {
+			root := t.TempDir()
+			bind := fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1"))
+			a := startNode(t, "a", filepath.Join(root, "a"), bind, nil, nil)
+			defer a.close(t)
+			key := []byte("0123456789abcdef")
+			if keyed {
+				a.svc.hold.key = key
+			}
+			try := func(name string, key []byte) error {
+				p := &peerConn{self: name, key: key, name: "a", addr: a.cfg.ReplicationListen, log: testLogger()}
+				p.mu.Lock()
+				err := p.dialLocked()
+				p.mu.Unlock()
+				if err != nil {
+					return err
+				}
+				defer p.fail(errors.New("test done"))
+				ans := make(chan []byte, 1)
+				if err := p.send(frameReconcile, appendStr(nil, name), true, nil, ans); err != nil {
+					return err
+				}
+				select {
+				case b := <-ans:
+					if b == nil {
+						return errors.New("closed")
+					}
+					return nil
+				case <-time.After(3 * time.Second):
+					return errors.New("no answer")
+				}
+			}
+			if err := try("mallory", nil); err == nil {
+				t.Fatal("a stranger was answered")
+			}
+			if keyed {
+				if err := try("a", []byte("wrong key 012345")); err == nil {
+					t.Fatal("a wrong key was answered")
+				}
+				if err := try("a", key); err != nil {
+					t.Fatalf("member with the key: %v", err)
+				}
+			} else if err := try("a", nil); err != nil {
+				t.Fatalf("member: %v", err)
+			}
+		})
 	}
 }

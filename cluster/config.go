@@ -55,6 +55,12 @@ type Config struct {
 	// Takeover makes survivors deliver a failed node's replicated mail and
 	// answer on its SMTP addresses. Default: true.
 	Takeover *bool `toml:"takeover"`
+	// TakeoverDelay is how long a node must stay failed before the others
+	// take over its mail and addresses: a node that was only slow (a GC
+	// pause, a busy machine) and comes back within it costs nothing. A
+	// node that left gracefully is taken over after 5 minutes (or this,
+	// if longer). Default: 3s.
+	TakeoverDelay time.Duration `toml:"takeover_delay"`
 	// AddressHook, when set, is run as `HOOK add|del ADDRESS` before this
 	// node starts or after it stops listening on a failed peer's SMTP
 	// address (to add the address to an interface and announce it). On
@@ -143,6 +149,9 @@ func (c *Config) EnsureDefaults(hostname string) {
 	}
 	if c.ReplicationTimeout == 0 {
 		c.ReplicationTimeout = 2 * time.Second
+	}
+	if c.TakeoverDelay == 0 {
+		c.TakeoverDelay = 3 * time.Second
 	}
 	if c.ReconcileTimeout == 0 {
 		c.ReconcileTimeout = 10 * time.Second

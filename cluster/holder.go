@@ -2,12 +2,16 @@ package cluster
 
 import (
 	"bufio"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hermod-mta/hermod/spool"
 )
@@ -22,6 +26,8 @@ type holder struct {
 	main    *spool.Store // this node's own spool (answers checks)
 	taken   *takenLog
 	ln      net.Listener
+	key     []byte                                // cluster secret key ("": none)
+	member  func(name string, ip netip.Addr) bool // is this a member connecting from its address?
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	conns   map[net.Conn]bool
@@ -32,8 +38,10 @@ type holder struct {
 	failed  atomic.Int64
 }
 
-func newHolder(log *slog.Logger, store, main *spool.Store, taken *takenLog, ln net.Listener) *holder {
-	return &holder{log: log, store: store, main: main, taken: taken, ln: ln, conns: map[net.Conn]bool{}, sem: make(chan struct{}, 64)}
+func newHolder(log *slog.Logger, store, main *spool.Store, taken *takenLog, ln net.Listener, key []byte,
+	member func(string, netip.Addr) bool) *holder {
+	return &holder{log: log, store: store, main: main, taken: taken, ln: ln, key: key, member: member,
+		conns: map[net.Conn]bool{}, sem: make(chan struct{}, 64)}
 }
 
 func (h *holder) serve() {
@@ -104,15 +112,17 @@ func (h *holder) conn(c net.Conn) {
 		h.mu.Unlock()
 	}()
 	r := bufio.NewReaderSize(c, 64<<10)
-	origin := ""
+	origin, err := h.handshake(c, r)
+	if err != nil {
+		h.log.Warn("replication connection refused", "remote", c.RemoteAddr().String(), "err", err)
+		return
+	}
 	for {
 		typ, p, err := readFrame(r, nil)
 		if err != nil {
 			return
 		}
 		switch typ {
-		case frameHello:
-			origin = string(p)
 		case frameReplicate:
 			seq, k := binary.Uvarint(p)
 			if k <= 0 {
@@ -193,6 +203,44 @@ func (h *holder) conn(c net.Conn) {
 			return
 		}
 	}
+}
+
+// handshake sends a challenge and checks the answer: the sender must be
+// a cluster member connecting from one of its addresses and, with a
+// secret key, prove it knows the key.
+func (h *holder) handshake(c net.Conn, r *bufio.Reader) (string, error) {
+	challenge := make([]byte, 16)
+	if _, err := rand.Read(challenge); err != nil {
+		return "", err
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	w := bufio.NewWriterSize(c, 64)
+	if err := writeFrame(w, frameChallenge, challenge); err != nil {
+		return "", err
+	}
+	if err := w.Flush(); err != nil {
+		return "", err
+	}
+	typ, p, err := readFrame(r, nil)
+	if err != nil {
+		return "", err
+	}
+	if typ != frameHello || len(p) > 256 {
+		return "", fmt.Errorf("%w: want a hello", errFrame)
+	}
+	name, err := checkHello(h.key, challenge, p)
+	if err != nil {
+		return "", err
+	}
+	ip := netip.Addr{}
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		ip, _ = netip.AddrFromSlice(ta.IP)
+	}
+	if h.member != nil && !h.member(name, ip.Unmap()) {
+		return "", fmt.Errorf("cluster: %q at %s is not a member of this cluster", name, ip)
+	}
+	return name, nil
 }
 
 // applyOutcome records recipients' outcomes on a copy; a finished message

@@ -25,6 +25,7 @@ var ErrNoReplicas = errors.New("cluster: not enough peers to replicate to")
 // acknowledgements read by another.
 type replicator struct {
 	self    string
+	key     []byte
 	log     *slog.Logger
 	timeout time.Duration
 
@@ -37,20 +38,22 @@ type replicator struct {
 
 type peerConn struct {
 	self       string // this node, announced in the hello
+	key        []byte // the cluster's secret key (authenticates the hello)
 	name, addr string
 	log        *slog.Logger
 
 	mu      sync.Mutex
 	conn    net.Conn
-	out     chan []byte
+	out     chan []byte   // frames to write (never closed)
+	done    chan struct{} // closed when conn fails
 	pending map[uint64]func(error)
 	answers map[uint64]chan []byte
 	seq     uint64
 	down    time.Time // when the last connection failed (redial after 1s)
 }
 
-func newReplicator(self string, timeout time.Duration, log *slog.Logger) *replicator {
-	return &replicator{self: self, log: log, timeout: timeout, peers: map[string]*peerConn{}}
+func newReplicator(self string, key []byte, timeout time.Duration, log *slog.Logger) *replicator {
+	return &replicator{self: self, key: key, log: log, timeout: timeout, peers: map[string]*peerConn{}}
 }
 
 // rank orders candidate holders for id: highest rendezvous score first,
@@ -92,7 +95,7 @@ func (r *replicator) peer(m Member) *peerConn {
 	defer r.mu.Unlock()
 	p := r.peers[m.Name]
 	if p == nil || p.addr != m.Repl {
-		p = &peerConn{self: r.self, name: m.Name, addr: m.Repl, log: r.log}
+		p = &peerConn{self: r.self, key: r.key, name: m.Name, addr: m.Repl, log: r.log}
 		r.peers[m.Name] = p
 	}
 	return p
@@ -147,11 +150,18 @@ func (p *peerConn) send(typ byte, payload []byte, withSeq bool, cb func(error), 
 		}
 	}
 	f = append(f, payload...)
-	out := p.out
+	out, done := p.out, p.done
 	p.mu.Unlock()
+	select {
+	case <-done:
+		return fmt.Errorf("cluster: connection to %s lost", p.name)
+	default:
+	}
 	select {
 	case out <- f:
 		return nil
+	case <-done:
+		return fmt.Errorf("cluster: connection to %s lost", p.name)
 	default:
 		// The writer is far behind: treat the peer as failed rather than
 		// block the SMTP session.
@@ -168,21 +178,47 @@ func (p *peerConn) dialLocked() error {
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
+	// Handshake: the holder's challenge, our authenticated hello.
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	br := bufio.NewReaderSize(c, 64<<10)
+	typ, challenge, err := readFrame(br, nil)
+	if err == nil && (typ != frameChallenge || len(challenge) != 16) {
+		err = fmt.Errorf("%w: no challenge", errFrame)
+	}
+	if err == nil {
+		w := bufio.NewWriterSize(c, 256)
+		if err = writeFrame(w, frameHello, encodeHello(p.key, challenge, p.self)); err == nil {
+			err = w.Flush()
+		}
+	}
+	_ = c.SetDeadline(time.Time{})
+	if err != nil {
+		c.Close()
+		return fmt.Errorf("cluster: handshake with %s (%s): %w", p.name, p.addr, err)
+	}
 	p.conn = c
 	p.out = make(chan []byte, 16384)
+	p.done = make(chan struct{})
 	p.pending = map[uint64]func(error){}
 	p.answers = map[uint64]chan []byte{}
 	p.down = time.Time{}
-	out := p.out
-	go p.writer(c, out)
-	go p.reader(c)
-	out <- append([]byte{frameHello}, p.self...)
+	go p.writer(c, p.out, p.done)
+	go p.reader(c, br)
 	return nil
 }
 
-func (p *peerConn) writer(c net.Conn, out chan []byte) {
+// writer sends queued frames, flushing when the queue is empty, until
+// the connection fails (done). The queue is never closed: senders racing
+// with a failure see done instead.
+func (p *peerConn) writer(c net.Conn, out chan []byte, done chan struct{}) {
 	w := bufio.NewWriterSize(c, 256<<10)
-	for f := range out {
+	for {
+		var f []byte
+		select {
+		case f = <-out:
+		case <-done:
+			return
+		}
 		if err := writeFrame(w, f[0], f[1:]); err != nil {
 			p.failConn(c, err)
 			return
@@ -196,8 +232,7 @@ func (p *peerConn) writer(c net.Conn, out chan []byte) {
 	}
 }
 
-func (p *peerConn) reader(c net.Conn) {
-	r := bufio.NewReaderSize(c, 64<<10)
+func (p *peerConn) reader(c net.Conn, r *bufio.Reader) {
 	for {
 		typ, pl, err := readFrame(r, nil)
 		if err != nil {
@@ -248,8 +283,8 @@ func (p *peerConn) failConn(c net.Conn, err error) {
 // fail closes the current connection and fails what waits on it.
 func (p *peerConn) fail(err error) {
 	p.mu.Lock()
-	c, out, pending, answers := p.conn, p.out, p.pending, p.answers
-	p.conn, p.out, p.pending, p.answers = nil, nil, nil, nil
+	c, done, pending, answers := p.conn, p.done, p.pending, p.answers
+	p.conn, p.out, p.done, p.pending, p.answers = nil, nil, nil, nil, nil
 	if c != nil {
 		p.down = time.Now()
 	}
@@ -259,7 +294,7 @@ func (p *peerConn) fail(err error) {
 	}
 	p.log.Warn("replication connection lost", "peer", p.name, "err", err)
 	c.Close()
-	close(out)
+	close(done)
 	for _, cb := range pending {
 		cb(err)
 	}

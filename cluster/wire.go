@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"bufio"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,7 +17,8 @@ import (
 // nodes, sender to holder. A frame is a big-endian uint32 length (of what
 // follows), a type byte and a payload. The connection opens with a hello.
 const (
-	frameHello     = 'H' // node name
+	frameChallenge = 'N' // holder → sender, first: 16 random bytes
+	frameHello     = 'H' // sender → holder, answer: node name, MAC (32 bytes, with a secret key)
 	frameReplicate = 'M' // seq, message, body: store a copy, then ack
 	frameAck       = 'A' // seq, status (0 ok), error text
 	frameOutcome   = 'U' // id, removed, recipients' new states: apply to the copy
@@ -289,4 +292,40 @@ func decodeIDs(b []byte) ([]spool.ID, error) {
 		copy(ids[i][:], b[i*spool.IDLen:])
 	}
 	return ids, nil
+}
+
+// helloMAC authenticates a hello: HMAC-SHA256 over the holder's challenge
+// and the sender's name, keyed with the cluster's secret key.
+func helloMAC(key, challenge []byte, name string) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write(challenge)
+	m.Write([]byte(name))
+	return m.Sum(nil)
+}
+
+// encodeHello is the hello payload: the name, then the MAC when keyed.
+func encodeHello(key, challenge []byte, name string) []byte {
+	b := appendStr(nil, name)
+	if len(key) > 0 {
+		b = append(b, helloMAC(key, challenge, name)...)
+	}
+	return b
+}
+
+// checkHello decodes a hello and verifies its MAC.
+func checkHello(key, challenge, p []byte) (string, error) {
+	name, rest, ok := readStr(p)
+	if !ok || name == "" {
+		return "", errFrame
+	}
+	if len(key) == 0 {
+		if len(rest) != 0 {
+			return "", errFrame
+		}
+		return name, nil
+	}
+	if !hmac.Equal(rest, helloMAC(key, challenge, name)) {
+		return "", errors.New("cluster: replication hello not authenticated (secret_key differs?)")
+	}
+	return name, nil
 }
