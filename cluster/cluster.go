@@ -91,19 +91,46 @@ func NewService(cfg Config, opt ServiceOptions) (*Service, error) {
 	}
 	s.limits = NewLimits(cfg.NodeName, cfg.DomainLimits, cfg.CountInterval,
 		func() int { return len(node.Alive()) },
-		func(p []byte) error { return node.Broadcast(countEvent, p) })
+		func(p []byte) error { s.report(frameCounts, p); return nil })
 	s.limits.SetRates(cfg.DomainRates)
 	s.limits.SetSiteLimits(cfg.SiteLimits, opt.LookupMX)
 	if err := os.MkdirAll(opt.StateDir, 0o750); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
 	s.inbound, err = NewInbound(cfg.NodeName, cfg.MaxConnectionsPerIP, cfg.MaxConnectionRatePerIP, cfg.CountInterval, opt.StateDir,
-		func() int { return len(node.Alive()) }, node.Broadcast)
+		func() int { return len(node.Alive()) },
+		func(event string, p []byte) error {
+			if event == ipEvent {
+				s.report(frameClients, p) // frequent: straight to each member
+				return nil
+			}
+			return node.Broadcast(event, p) // blocks: rare, gossiped to all
+		})
 	if err != nil {
 		return nil, err
 	}
 	s.repl = newReplicator(cfg.NodeName, s.secretKey(), cfg.ReplicationTimeout, opt.Logger.With("component", "replication"))
 	return s, nil
+}
+
+// report sends a counts report straight to every other alive member, on
+// the replication connections: one hop, no retransmission, so the cost
+// per node grows with the number of nodes and not with its square (serf
+// user events, which every node re-broadcasts, saturated the gossip at
+// 10 nodes in the simulation: docs/CLUSTER-SCALING.md). Members not
+// connected yet are dialled on their own goroutine.
+func (s *Service) report(typ byte, p []byte) {
+	for _, m := range s.node.Alive() {
+		if m.Name == s.node.Name() || m.Repl == "" {
+			continue
+		}
+		pc := s.repl.peer(m)
+		if pc.connected() {
+			_ = pc.send(typ, p, false, nil, nil)
+			continue
+		}
+		go func() { _ = pc.send(typ, p, false, nil, nil) }()
+	}
 }
 
 // secretKey is the decoded cluster key (nil without one).
@@ -169,9 +196,8 @@ func (s *Service) Start() error {
 		return fmt.Errorf("cluster.replication_listen: %w", err)
 	}
 	s.hold = newHolder(s.log.With("component", "replica-holder"), rs, s.opt.Store, s.taken, ln, s.secretKey(), s.isMemberAt)
+	s.hold.reports = map[byte]func([]byte){frameCounts: s.limits.HandleEvent, frameClients: s.inbound.HandleIPs}
 	go s.hold.serve()
-	s.node.HandleUserEvent(countEvent, s.limits.HandleEvent)
-	s.node.HandleUserEvent(ipEvent, s.inbound.HandleIPs)
 	s.node.HandleUserEvent(blockEvent, s.inbound.HandleBlock)
 	s.node.OnMemberChange(s.memberChange)
 	if err := s.node.Start(); err != nil {

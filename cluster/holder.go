@@ -28,6 +28,7 @@ type holder struct {
 	ln      net.Listener
 	key     []byte                                // cluster secret key ("": none)
 	member  func(name string, ip netip.Addr) bool // is this a member connecting from its address?
+	reports map[byte]func(payload []byte)         // handlers of frameCounts and frameClients
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	conns   map[net.Conn]bool
@@ -180,6 +181,10 @@ func (h *holder) conn(c net.Conn) {
 				return
 			}
 			out <- appendIDs(binary.AppendUvarint([]byte{frameTaken}, seq), h.taken.of(node))
+		case frameCounts, frameClients:
+			if fn := h.reports[typ]; fn != nil {
+				fn(p)
+			}
 		case frameCheck:
 			// A holder asks which of our messages it holds copies of
 			// are gone from our spool (finished, or never committed).

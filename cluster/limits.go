@@ -23,10 +23,12 @@ import (
 // that others report unused are borrowed. A node wants a domain when it
 // asked for its allowance within the last demandWindow. While its own
 // demand is newer than 2.5 × CountInterval (the others may not know it
-// yet and may be borrowing its share), a node takes at most S. Each node
-// gossips every limited domain every CountInterval; counts older than
-// 3 × CountInterval, and all counts of a failed or departed node, are
-// dropped.
+// yet and may be borrowing its share), a node takes at most S. Every
+// CountInterval each node sends every other member, directly, a report
+// of the limited keys it holds connections to or wants (an empty report
+// says it uses none); a node not heard from for 3 × CountInterval is
+// assumed to want its share, and all counts of a failed or departed node
+// are dropped.
 //
 // Overshoot. A borrower learns of a new demand up to CountInterval plus
 // the gossip delay late, and gives connections back as each finishes its
@@ -48,6 +50,8 @@ type Limits struct {
 	rates  map[string]float64 // messages per second, cluster-wide
 	local  map[string]*localCount
 	peers  map[string]map[string]peerCount // node → domain (or site key) → count
+	heard  map[string]time.Time            // node → when its last report came
+	sent   map[string]bool                 // keys in our last report (sent once more as zero when idle)
 
 	// Sites: connection limits shared by all domains whose MX hosts end
 	// in a suffix (site_limits); counted under the key "site:" + suffix.
@@ -86,6 +90,7 @@ func NewLimits(self string, limits map[string]int, interval time.Duration, alive
 		self: self, interval: interval, now: time.Now, alive: alive, send: send,
 		limits: map[string]int{}, rates: map[string]float64{}, local: map[string]*localCount{},
 		peers: map[string]map[string]peerCount{}, siteOf: map[string]siteEntry{},
+		heard: map[string]time.Time{}, sent: map[string]bool{},
 		resolving: map[string]bool{}, openSite: map[string]string{},
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
@@ -233,12 +238,15 @@ func (l *Limits) allowanceKey(key string, held int, now time.Time) int {
 	share := limit / n
 	others, heard := 0, 0
 	stale := now.Add(-3 * l.interval)
-	for _, counts := range l.peers {
-		c, ok := counts[key]
-		if !ok || c.at.Before(stale) {
-			continue
+	for node, counts := range l.peers {
+		if l.heard[node].Before(stale) {
+			continue // not heard from lately: assumed to want its share below
 		}
 		heard++
+		c, ok := counts[key]
+		if !ok || c.at.Before(stale) {
+			continue // heard, and not using the key
+		}
 		h := c.conns
 		if c.demand && h < share {
 			h = share
@@ -298,13 +306,12 @@ func (l *Limits) Rate(domain string) (float64, bool) {
 	n := max(l.alive(), 1)
 	wanting, heard := 1, 0
 	stale := now.Add(-3 * l.interval)
-	for _, counts := range l.peers {
-		c, ok := counts[domain]
-		if !ok || c.at.Before(stale) {
+	for node, counts := range l.peers {
+		if l.heard[node].Before(stale) {
 			continue
 		}
 		heard++
-		if c.demand {
+		if c, ok := counts[domain]; ok && !c.at.Before(stale) && c.demand {
 			wanting++
 		}
 	}
@@ -389,9 +396,12 @@ func (l *Limits) Stop() {
 // 9 KiB by Node; the name and framing take the rest).
 const maxCountPayload = 8 * 1024
 
-// payloads encodes this node's count and demand for every limited
-// domain. Format: version 1, sender, then entries of domain, conns
-// (uvarint), demand (byte); split into several events when large.
+// payloads encodes this node's report: the limited keys (domains,
+// sites) it holds connections to or wants, plus, once, those it stopped
+// using (as zero). A report is sent every interval even when empty: it
+// tells the others this node is alive and using nothing else. Format:
+// version 1, sender, then entries of key, conns (uvarint), demand
+// (byte); split into several payloads when large.
 func (l *Limits) payloads() [][]byte {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -402,6 +412,7 @@ func (l *Limits) payloads() [][]byte {
 		cur = append(cur[:0:0], 1)
 		cur = appendStr(cur, l.self)
 	}
+	start()
 	domains := make(map[string]bool, len(l.limits)+len(l.rates))
 	for d := range l.limits {
 		domains[d] = true
@@ -415,6 +426,7 @@ func (l *Limits) payloads() [][]byte {
 			delete(l.local, d)
 		}
 	}
+	sent := map[string]bool{}
 	for d := range domains {
 		demand, conns := false, 0
 		if lc := l.local[d]; lc != nil {
@@ -424,8 +436,12 @@ func (l *Limits) payloads() [][]byte {
 		if strings.HasPrefix(d, sitePrefix) {
 			conns = l.siteHeld(d)
 		}
-		if cur == nil {
-			start()
+		if conns == 0 && !demand {
+			if !l.sent[d] {
+				continue
+			}
+		} else {
+			sent[d] = true
 		}
 		cur = appendStr(cur, d)
 		cur = binary.AppendUvarint(cur, uint64(conns))
@@ -436,12 +452,11 @@ func (l *Limits) payloads() [][]byte {
 		}
 		if len(cur) > maxCountPayload-300 {
 			out = append(out, cur)
-			cur = nil
+			start()
 		}
 	}
-	if cur != nil {
-		out = append(out, cur)
-	}
+	out = append(out, cur)
+	l.sent = sent
 	return out
 }
 
@@ -454,6 +469,7 @@ func (l *Limits) HandleEvent(payload []byte) {
 	now := l.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.heard[node] = now
 	m := l.peers[node]
 	if m == nil {
 		m = map[string]peerCount{}
@@ -468,6 +484,7 @@ func (l *Limits) HandleEvent(payload []byte) {
 func (l *Limits) Forget(node string) {
 	l.mu.Lock()
 	delete(l.peers, node)
+	delete(l.heard, node)
 	l.mu.Unlock()
 }
 

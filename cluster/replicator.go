@@ -170,6 +170,13 @@ func (p *peerConn) send(typ byte, payload []byte, withSeq bool, cb func(error), 
 	}
 }
 
+// connected reports whether a connection is up (sending will not dial).
+func (p *peerConn) connected() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.conn != nil
+}
+
 func (p *peerConn) dialLocked() error {
 	c, err := net.DialTimeout("tcp", p.addr, 2*time.Second)
 	if err != nil {

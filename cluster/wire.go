@@ -25,6 +25,8 @@ const (
 	frameDrop      = 'D' // id: another holder took the message over; drop the copy
 	frameReconcile = 'R' // seq, node name: which messages of that node did you take over?
 	frameTaken     = 'T' // seq, ids: the answer
+	frameCounts    = 'K' // a Limits report (connection counts), no answer
+	frameClients   = 'I' // an Inbound report (client counts), no answer
 	frameCheck     = 'C' // seq, ids: which of these messages of yours are gone?
 	frameGone      = 'G' // seq, ids: the answer
 
