@@ -64,7 +64,8 @@ func (s *Store) finish(r *writeReq, err error) bool {
 // writes that arrive during one fsync form one group, one pebble batch and
 // one WAL write for the next fsync, instead of one small batch each (every
 // batch costs a commit-pipeline pass, a WAL write(2) and a hand-off to the
-// syncer, for the same fsync).
+// syncer, for the same fsync). When writes are already waiting as an fsync
+// ends, the syncer writes the next group itself (see syncLoop).
 func (s *Store) work(w *worker) {
 	defer s.wg.Done()
 	for {
@@ -74,27 +75,35 @@ func (s *Store) work(w *worker) {
 			s.gate <- struct{}{}
 			return
 		}
-		group := append(w.group[:0], r)
-		n := r.size()
-	gather:
-		for len(group) < maxGroupReqs && n < s.maxGroupBytes {
-			select {
-			case r, open := <-s.queue:
-				if !open {
-					break gather
-				}
-				group = append(group, r)
-				n += r.size()
-			default:
-				break gather
-			}
-		}
-		if !s.commitGroup(w, group) {
+		if !s.commitFrom(w, r) {
 			s.gate <- struct{}{}
 		}
-		clear(group)
-		w.group = group[:0]
 	}
+}
+
+// commitFrom forms a group of r and whatever else is queued (up to
+// maxGroupReqs / maxGroupBytes) and writes it; the caller holds the gate.
+// It reports whether the syncer took the group (and with it the gate).
+func (s *Store) commitFrom(w *worker, r *writeReq) bool {
+	group := append(w.group[:0], r)
+	n := r.size()
+gather:
+	for len(group) < maxGroupReqs && n < s.maxGroupBytes {
+		select {
+		case r, open := <-s.queue:
+			if !open {
+				break gather
+			}
+			group = append(group, r)
+			n += r.size()
+		default:
+			break gather
+		}
+	}
+	taken := s.commitGroup(w, group)
+	clear(group)
+	w.group = group[:0]
+	return taken
 }
 
 // commitGroup writes group; it reports whether the syncer took the group
@@ -169,6 +178,13 @@ type syncItem struct {
 
 // syncLoop waits, in WAL order, for the fsync of each group the workers
 // wrote, and completes its writes.
+//
+// The syncer holds the gate while a group's fsync runs. When it ends and
+// writes are already queued, the syncer writes the next group itself
+// before completing the previous one: the next fsync starts without
+// waiting for a worker to wake up (only the gate's holder takes from the
+// queue, so a queued write is there for it to take). Otherwise it hands
+// the gate back to the workers.
 func (s *Store) syncLoop() {
 	defer s.syncWG.Done()
 	for it := range s.syncQ {
@@ -177,8 +193,28 @@ func (s *Store) syncLoop() {
 			// The WAL writer is dead after a write or sync error.
 			err = s.fail(fmt.Errorf("pebble WAL sync: %w", err))
 		}
-		s.gate <- struct{}{}
+		if !s.commitNext(err) {
+			s.gate <- struct{}{}
+		}
 		s.complete(it.b, it.reqs, err)
+	}
+}
+
+// commitNext writes the next group from the syncer when a write is queued
+// and the store did not fail; it reports whether the syncer took that
+// group (and so keeps the gate).
+func (s *Store) commitNext(err error) bool {
+	if err != nil || len(s.queue) == 0 {
+		return false
+	}
+	select {
+	case r, open := <-s.queue:
+		if !open {
+			return false
+		}
+		return s.commitFrom(s.syncWorker, r)
+	default:
+		return false
 	}
 }
 
@@ -254,7 +290,7 @@ func (s *Store) apply(b *pebble.Batch, noSyncWait bool) (err error) {
 // pebble for good) and then every write still queued, until Close closes
 // the queue.
 func (s *Store) failPending(err error) {
-	for _, w := range s.workers {
+	for _, w := range append(s.workers[:len(s.workers):len(s.workers)], s.syncWorker) {
 		w.mu.Lock()
 		for _, r := range w.cur {
 			s.finish(r, err)

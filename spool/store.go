@@ -67,6 +67,7 @@ type Store struct {
 
 	queue         chan *writeReq
 	workers       []*worker
+	syncWorker    *worker // the syncer's, when it writes a group itself
 	wg            sync.WaitGroup
 	maxGroupBytes int
 	syncQ         chan syncItem
@@ -149,6 +150,7 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 	for i := range s.workers {
 		s.workers[i] = &worker{}
 	}
+	s.syncWorker = &worker{}
 	s.maxGroupBytes = min(maxGroupBytes, int(cfg.MemTableSize/4))
 	s.gate <- struct{}{}
 	queue := s.queue
