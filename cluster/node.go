@@ -185,6 +185,10 @@ func (n *Node) Start() error {
 	mc.SuspicionMult = n.cfg.SuspicionMult
 	mc.GossipInterval = min(mc.GossipInterval, max(n.cfg.ProbeInterval/2, 20*time.Millisecond))
 	mc.TCPTimeout = 2 * time.Second
+	// Full state exchange with one random member every 5 s (30 s by
+	// default) repairs a member list that missed a join quickly; the
+	// simulation saw lists missing a member for up to 30 s.
+	mc.PushPullInterval = 5 * time.Second
 	mc.Logger = sc.Logger
 	if n.cfg.SecretKey != "" {
 		key, _ := base64.StdEncoding.DecodeString(n.cfg.SecretKey)

@@ -16,6 +16,9 @@ import (
 // run alone: go test -run TestSim -sim.large -v ./cluster/).
 var simLarge = flag.Bool("sim.large", false, "TestSim: also simulate 50 and 200 nodes")
 
+// simN runs TestSim for this one size instead.
+var simN = flag.Int("sim.n", 0, "TestSim: simulate only this many nodes")
+
 // TestSim runs many gossip members in one process on an in-memory network
 // (simNet) with the production Node and Limits, and measures
 //   - convergence of the shared connection counts: from a node changing
@@ -30,7 +33,9 @@ var simLarge = flag.Bool("sim.large", false, "TestSim: also simulate 50 and 200 
 // within generous bounds.
 func TestSim(t *testing.T) {
 	sizes := []int{10}
-	if *simLarge {
+	if *simN > 0 {
+		sizes = []int{*simN}
+	} else if *simLarge {
 		sizes = append(sizes, 50, 200)
 	} else if testing.Short() {
 		t.Skip("simulation skipped in -short mode")
@@ -106,6 +111,8 @@ type simNode struct {
 	// the probe knows which gossip round first carried it.
 	sendMu  sync.Mutex
 	pending atomic.Int32 // probes whose origin's count arrived but ClusterHeld disagreed
+
+	directSent, directRecv atomic.Int64 // count reports sent straight to members
 }
 
 // simProbe is one count change being followed through the cluster.
@@ -126,6 +133,7 @@ type simProbe struct {
 type simCluster struct {
 	t       *testing.T
 	nodes   []*simNode
+	byName  map[string]*simNode
 	domains []string
 
 	mu       sync.Mutex
@@ -137,7 +145,7 @@ type simCluster struct {
 func simAddr(i int) string { return fmt.Sprintf("127.0.%d.%d:7946", i/200, i%200+1) }
 
 func runSim(t *testing.T, p simParams) simResult {
-	c := &simCluster{t: t, probes: map[string]*simProbe{}, failed: map[string]map[int]time.Time{}, failures: map[string]int{}}
+	c := &simCluster{t: t, probes: map[string]*simProbe{}, failed: map[string]map[int]time.Time{}, failures: map[string]int{}, byName: map[string]*simNode{}}
 	limits := map[string]int{}
 	for i := range p.domains {
 		d := fmt.Sprintf("d%02d.example.net", i)
@@ -178,10 +186,7 @@ func runSim(t *testing.T, p simParams) simResult {
 			t.Fatal(err)
 		}
 		sn.tr, sn.node = tr, node
-		sn.lim = NewLimits(sn.name, limits, cfg.CountInterval, func() int { return len(node.Alive()) }, func(b []byte) error {
-			return node.Broadcast(countEvent, b)
-		})
-		node.HandleUserEvent(countEvent, func(b []byte) { c.received(sn, b) })
+		sn.lim = NewLimits(sn.name, limits, cfg.CountInterval, func() int { return len(node.Alive()) }, func([]byte) error { return nil })
 		node.OnMemberChange(func(ch MemberChange) {
 			now := time.Now()
 			c.mu.Lock()
@@ -202,6 +207,7 @@ func runSim(t *testing.T, p simParams) simResult {
 			}
 		})
 		c.nodes = append(c.nodes, sn)
+		c.byName[sn.name] = sn
 	}
 	var r simResult
 	r.nodes = p.nodes
@@ -429,8 +435,26 @@ func (c *simCluster) gossip(sn *simNode) {
 	}
 	c.mu.Unlock()
 	sn.sendMu.Unlock()
-	for _, b := range payloads {
-		_ = sn.node.Broadcast(countEvent, b)
+	// As Service.report does: straight to every member alive in the
+	// sender's view, one hop (the replication connections; modelled here
+	// as a direct hand-off whose bytes are counted with framing).
+	if !sn.tr.reachable() {
+		return
+	}
+	for _, m := range sn.node.Alive() {
+		if m.Name == sn.name {
+			continue
+		}
+		other := c.byName[m.Name]
+		if other == nil || !other.tr.reachable() {
+			continue
+		}
+		for _, b := range payloads {
+			n := int64(len(b) + 5) // frame header
+			sn.directSent.Add(n)
+			other.directRecv.Add(n)
+			go c.received(other, b)
+		}
 	}
 }
 
@@ -502,8 +526,8 @@ func (c *simCluster) received(sn *simNode, b []byte) {
 
 func (c *simCluster) bytes() (sent, received int64) {
 	for _, sn := range c.nodes {
-		sent += sn.tr.sent.Load()
-		received += sn.tr.received.Load()
+		sent += sn.tr.sent.Load() + sn.directSent.Load()
+		received += sn.tr.received.Load() + sn.directRecv.Load()
 	}
 	return sent, received
 }
@@ -511,7 +535,7 @@ func (c *simCluster) bytes() (sent, received int64) {
 func (c *simCluster) sentPerNode() []int64 {
 	out := make([]int64, len(c.nodes))
 	for i, sn := range c.nodes {
-		out[i] = sn.tr.sent.Load()
+		out[i] = sn.tr.sent.Load() + sn.directSent.Load()
 	}
 	return out
 }
