@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -490,6 +491,31 @@ func (s *Scheduler) admit(msg *spool.Message, now time.Time) bool {
 	return true
 }
 
+// refusedAll reports whether every domain of a due entry's hint has a
+// full ready queue: the message would be refused, so it is not loaded (a
+// backlog of a million messages for one domain is stepped over at the
+// speed of the index, not of message loads). An empty hint is unknown.
+func (s *Scheduler) refusedAll(hint []byte) bool {
+	if len(hint) == 0 {
+		return false
+	}
+	for len(hint) > 0 {
+		dom := hint
+		if i := bytes.IndexByte(hint, ','); i >= 0 {
+			dom, hint = hint[:i], hint[i+1:]
+		} else {
+			hint = nil
+		}
+		d := s.dests[string(dom)]
+		if d == nil || len(d.ready) < s.cfg.DestinationQueueLimit {
+			return false
+		}
+		d.refused = true // full: rescan when it drains (pop)
+	}
+	s.m.destFull.Add(1)
+	return true
+}
+
 func (s *Scheduler) dest(name string) *dest {
 	d := s.dests[name]
 	if d == nil {
@@ -767,19 +793,27 @@ func (s *Scheduler) tick(now time.Time) {
 // backlog cannot stall the loop.
 const scanBudget = 20000
 
+// scanTime bounds the loop's time in one scan: a huge backlog is walked a
+// slice at a time, every tick, while agents keep getting their next jobs
+// (one 1M-message backlog starved the other destinations when a scan ran
+// to its entry budget on every loop event).
+const scanTime = 5 * time.Millisecond
+
 // scan loads due messages from the spool's due index into the active set,
 // resuming where the previous tick stopped; a complete pass waits
 // ScanInterval before the next.
 func (s *Scheduler) scan(now time.Time) {
 	examined, finished := 0, true
-	err := s.st.DueAfter(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time) bool {
-		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget {
+	start := time.Now() // real time: the loop's own budget, whatever the clock
+	err := s.st.DueAfterHint(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time, hint []byte) bool {
+		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget ||
+			examined&31 == 31 && time.Since(start) > scanTime {
 			finished = false
 			return false
 		}
 		examined++
 		s.cursorT, s.cursorID = due, id
-		if s.active[id] != nil {
+		if s.active[id] != nil || s.refusedAll(hint) {
 			return true
 		}
 		msg, err := s.st.Load(id)
@@ -797,12 +831,15 @@ func (s *Scheduler) scan(now time.Time) {
 	if err != nil {
 		s.log.Error("scanning the due index", "err", err)
 	}
-	if finished {
-		s.cursorT, s.cursorID = time.Time{}, spool.ID{}
-		s.scanAt = now.Add(s.cfg.ScanInterval)
-		if next, ok := s.st.NextDue(); ok && next.After(now) && next.Before(s.scanAt) {
-			s.scanAt = next
-		}
+	if !finished {
+		// Go on from the cursor at the next tick, not at every event.
+		s.scanAt = now.Add(tickEvery)
+		return
+	}
+	s.cursorT, s.cursorID = time.Time{}, spool.ID{}
+	s.scanAt = now.Add(s.cfg.ScanInterval)
+	if next, ok := s.st.NextDue(); ok && next.After(now) && next.Before(s.scanAt) {
+		s.scanAt = next
 	}
 }
 

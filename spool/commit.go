@@ -327,7 +327,8 @@ func (s *Store) encodeCommit(w *worker, b *pebble.Batch, r *writeReq) error {
 		due = min(due, dueNanos(rc.NextAttempt))
 	}
 	w.key = dueKey(w.key[:0], due, m.ID)
-	_ = b.Set(w.key, nil, nil)
+	w.val = appendDueHint(w.val[:0], m.Rcpts)
+	_ = b.Set(w.key, w.val, nil)
 	r.due = due
 	r.centry = s.rcache.add(m.ID, m.Rcpts)
 	return nil
@@ -599,12 +600,15 @@ func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed 
 			_ = b.Set(key, v, nil)
 		}
 	}
-	if hadDue && (!pending || newDue != oldDue) {
+	// The due entry is rewritten whenever the message stays pending: its
+	// value (the hint) names the pending recipients' domains, which the
+	// change may have altered even when the due time did not move.
+	if hadDue {
 		_ = b.SingleDelete(dueKey(k[:0], oldDue, id), nil)
 	}
 	setDue := int64(noDue)
-	if pending && (!hadDue || newDue != oldDue) {
-		_ = b.Set(dueKey(k[:0], newDue, id), nil, nil)
+	if pending {
+		_ = b.Set(dueKey(k[:0], newDue, id), appendDueHint(nil, rcpts), nil)
 		setDue = newDue
 	}
 	if b.Empty() {
@@ -634,4 +638,38 @@ func (s *Store) appendRemoval(b *pebble.Batch, id ID, rcpts []Recipient) {
 	for i := range rcpts {
 		_ = b.SingleDelete(rcptKey(k[:0], id, rcpts[i].Index), nil)
 	}
+}
+
+// maxDueHint bounds a due entry's hint; a longer one is left empty
+// ("unknown": the reader loads the message).
+const maxDueHint = 256
+
+// appendDueHint appends the distinct domains of the pending recipients,
+// comma-separated, or nothing when they do not fit in maxDueHint.
+func appendDueHint(dst []byte, rcpts []Recipient) []byte {
+	start := len(dst)
+	for i := range rcpts {
+		r := &rcpts[i]
+		if r.State != Pending {
+			continue
+		}
+		dup := false
+		for j := 0; j < i; j++ {
+			if rcpts[j].State == Pending && rcpts[j].Domain == r.Domain {
+				dup = true
+				break
+			}
+		}
+		if dup {
+			continue
+		}
+		if len(dst) > start {
+			dst = append(dst, ',')
+		}
+		dst = append(dst, r.Domain...)
+		if len(dst)-start > maxDueHint {
+			return dst[:start]
+		}
+	}
+	return dst
 }

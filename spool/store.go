@@ -489,6 +489,16 @@ func (s *Store) Due(before time.Time, fn func(id ID, due time.Time) bool) error 
 // that a scheduler can page through millions of entries: pass the last
 // (due, id) it was given. A zero after and afterID start at the beginning.
 func (s *Store) DueAfter(after time.Time, afterID ID, before time.Time, fn func(id ID, due time.Time) bool) error {
+	return s.DueAfterHint(after, afterID, before, func(id ID, due time.Time, _ []byte) bool { return fn(id, due) })
+}
+
+// DueAfterHint is DueAfter that also passes each entry's hint: the
+// distinct domains of the message's pending recipients, comma-separated,
+// as of the write that set the entry (empty when unknown: entries written
+// before hints existed, or too many domains). It lets a caller skip
+// messages for destinations it cannot take now without loading them.
+// hint is valid only during the call.
+func (s *Store) DueAfterHint(after time.Time, afterID ID, before time.Time, fn func(id ID, due time.Time, hint []byte) bool) error {
 	if !s.enter() {
 		return ErrClosed
 	}
@@ -534,7 +544,7 @@ func (s *Store) DueAfter(after time.Time, afterID ID, before time.Time, fn func(
 		if !valid {
 			return fmt.Errorf("%w: due key %x", ErrCorrupt, it.Key())
 		}
-		if !fn(id, nanosToTime(due)) {
+		if !fn(id, nanosToTime(due), it.Value()) {
 			return nil
 		}
 	}
