@@ -796,8 +796,13 @@ const scanBudget = 20000
 // scanTime bounds the loop's time in one scan: a huge backlog is walked a
 // slice at a time, every tick, while agents keep getting their next jobs
 // (one 1M-message backlog starved the other destinations when a scan ran
-// to its entry budget on every loop event).
-const scanTime = 5 * time.Millisecond
+// to its entry budget on every loop event). A scan yields after
+// scanYield as soon as events are waiting (agents asking for work), and
+// otherwise uses up to scanTime of the tick.
+const (
+	scanTime  = 40 * time.Millisecond
+	scanYield = time.Millisecond
+)
 
 // scan loads due messages from the spool's due index into the active set,
 // resuming where the previous tick stopped; a complete pass waits
@@ -806,10 +811,15 @@ func (s *Scheduler) scan(now time.Time) {
 	examined, finished := 0, true
 	start := time.Now() // real time: the loop's own budget, whatever the clock
 	err := s.st.DueAfterHint(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time, hint []byte) bool {
-		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget ||
-			examined&31 == 31 && time.Since(start) > scanTime {
+		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget {
 			finished = false
 			return false
+		}
+		if examined&15 == 15 {
+			if el := time.Since(start); el > scanTime || el > scanYield && len(s.events) > 0 {
+				finished = false
+				return false
+			}
 		}
 		examined++
 		s.cursorT, s.cursorID = due, id
