@@ -228,9 +228,9 @@ func TestReplicationTakeoverReconcile(t *testing.T) {
 			t.Errorf("%s queued on %v", m.ID, found)
 		}
 	}
-	if n := b.svc.replicas.Stats().Messages + c.svc.replicas.Stats().Messages; n != 20 {
-		t.Errorf("%d copies in replica stores after takeover, want 20 (one per message)", n)
-	}
+	waitFor(t, "one copy per message in the replica stores", 10*time.Second, func() bool {
+		return b.svc.replicas.Stats().Messages+c.svc.replicas.Stats().Messages == 20
+	})
 
 	// a returns with its disk: it drops what the others took over.
 	a2 := startNode(t, "a", a.dir, binds[0], binds[1:2], nil)
@@ -391,14 +391,16 @@ func TestTwoReplicasSurviveTwoFailures(t *testing.T) {
 			t.Errorf("%s queued on %d survivors", m.ID, k)
 		}
 	}
-	// The taken-over mail is copied again to the one other survivor.
+	// The taken-over mail is copied again to the one other survivor (the
+	// takers drop their old copies just after their commits).
 	var copies int64
-	for _, tn := range rest {
-		copies += tn.svc.replicas.Stats().Messages
-	}
-	if copies != int64(len(msgs)) {
-		t.Errorf("%d copies of the taken-over mail, want %d", copies, len(msgs))
-	}
+	waitFor(t, "one copy of each taken-over message", 10*time.Second, func() bool {
+		copies = 0
+		for _, tn := range rest {
+			copies += tn.svc.replicas.Stats().Messages
+		}
+		return copies == int64(len(msgs))
+	})
 }
 
 func TestLimitsRateSplit(t *testing.T) {
