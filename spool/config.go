@@ -38,10 +38,11 @@ type Config struct {
 
 	// CommitWorkers is the number of goroutines that merge queued writes
 	// into grouped pebble batches (compressing bodies) and write them to the
-	// WAL. They do not wait for fsyncs (a syncer does), so their number does
-	// not change how many writes one fsync covers; more workers compress in
-	// parallel.
-	// Default: 4 (measured with BenchmarkCommitParallel; see the package doc).
+	// WAL. One group forms at a time (the one holding the gate; see the
+	// package doc), so their number changes neither how many writes one
+	// fsync covers nor how many bodies are compressed at once: more than
+	// one only keeps a worker ready when the gate comes back.
+	// Default: 4.
 	CommitWorkers int `toml:"commit_workers"`
 
 	// CommitQueue is the capacity of the queue between Commit/Update callers
