@@ -8,8 +8,10 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -38,6 +40,52 @@ func (d *daemonState) clusterRoutes(mux *http.ServeMux) {
 			return
 		}
 		writeJSON(w, d.cluster.Stats())
+	})
+	// The queues of every alive node, merged oldest first (limit per node
+	// and in all).
+	mux.HandleFunc("GET /api/cluster/queue", func(w http.ResponseWriter, r *http.Request) {
+		if notClustered(w) {
+			return
+		}
+		limit := 1000
+		if v, err := strconv.Atoi(r.URL.Query().Get("limit")); err == nil && v > 0 {
+			limit = v
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		defer cancel()
+		var (
+			mu      sync.Mutex
+			all     []QueueEntry
+			missing = map[string]string{}
+			wg      sync.WaitGroup
+		)
+		for _, m := range d.cluster.Node().Alive() {
+			if m.HTTP == "" {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var list []QueueEntry
+				err := getJSONCtx(ctx, fmt.Sprintf("http://%s/api/queue?limit=%d", m.HTTP, limit), &list)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					missing[m.Name] = err.Error()
+					return
+				}
+				for _, e := range list {
+					e.Node = m.Name
+					all = append(all, e)
+				}
+			}()
+		}
+		wg.Wait()
+		slices.SortStableFunc(all, func(a, b QueueEntry) int { return a.Received.Compare(b.Received) })
+		if len(all) > limit {
+			all = all[:limit]
+		}
+		writeJSON(w, map[string]any{"messages": all, "missing": missing})
 	})
 	mux.HandleFunc("GET /api/cluster/blocks", func(w http.ResponseWriter, r *http.Request) {
 		if notClustered(w) {

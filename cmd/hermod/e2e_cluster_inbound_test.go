@@ -2,9 +2,11 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
+	"net/smtp"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -105,4 +107,28 @@ max_connections_per_ip = 4
 	waitFor("unblock reached the other node", func() bool {
 		return strings.HasPrefix(greetFrom(t, "127.0.0.10", nodes[1].smtp), "220")
 	})
+
+	// One message queued on each node (no DNS: it stays): the cluster-wide
+	// queue lists both, each with its node.
+	for i, n := range nodes {
+		msg := fmt.Sprintf("Subject: q%d\r\n\r\nhello\r\n", i)
+		if err := smtp.SendMail(n.smtp, nil, "s@sender.test", []string{fmt.Sprintf("r%d@example.test", i)}, []byte(msg)); err != nil {
+			t.Fatalf("send to %s: %v", n.smtp, err)
+		}
+	}
+	_, body := nodes[0].get("/api/cluster/queue")
+	var q struct {
+		Messages []QueueEntry      `json:"messages"`
+		Missing  map[string]string `json:"missing"`
+	}
+	if err := json.Unmarshal([]byte(body), &q); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int{}
+	for _, m := range q.Messages {
+		got[m.Node]++
+	}
+	if len(q.Messages) != 2 || got["i1"] != 1 || got["i2"] != 1 || len(q.Missing) != 0 {
+		t.Fatalf("cluster queue: %s", body)
+	}
 }

@@ -2,7 +2,7 @@
 //
 //	hermod serve [-config FILE]          run the daemon (embedded defaults without -config)
 //	hermod check-config [-config FILE]   validate a configuration and print it with defaults
-//	hermod queue list [-http ADDR | -spool DIR] [-limit N]
+//	hermod queue list [-http ADDR [-cluster] | -spool DIR] [-limit N]
 //	hermod queue show ID [-http ADDR | -spool DIR]
 //	hermod queue flush [ID] [-http ADDR]
 //	hermod queue delete ID [-http ADDR]
@@ -39,7 +39,7 @@ const usage = `usage: hermod <command> [flags]
 commands:
   serve         run the daemon (-config FILE; embedded defaults without it)
   check-config  validate a configuration file and print it with all defaults
-  queue list    list queued messages (-http ADDR of a running daemon, or -spool DIR offline)
+  queue list    list queued messages (-http ADDR of a running daemon, -cluster for every node, or -spool DIR offline)
   queue show ID show one queued message
   queue flush [ID]
                 make queued mail due now (all, or one message) and lift destination backoffs
@@ -111,6 +111,7 @@ func cmdQueue(args []string) error {
 	spoolDir := fs.String("spool", "", "read this spool directory directly (daemon stopped)")
 	limit := fs.Int("limit", 1000, "list at most this many messages")
 	asJSON := fs.Bool("json", false, "print JSON")
+	all := fs.Bool("cluster", false, "list: every node of the cluster")
 	var id string
 	rest := args[1:]
 	switch {
@@ -135,6 +136,18 @@ func cmdQueue(args []string) error {
 			if list, err = queueList(st, *limit); err != nil {
 				return err
 			}
+		} else if *all {
+			var res struct {
+				Messages []QueueEntry      `json:"messages"`
+				Missing  map[string]string `json:"missing"`
+			}
+			if err := getJSON(fmt.Sprintf("http://%s/api/cluster/queue?limit=%d", *httpAddr, *limit), &res); err != nil {
+				return err
+			}
+			list = res.Messages
+			for node, e := range res.Missing {
+				fmt.Fprintf(os.Stderr, "missing: %s: %s\n", node, e)
+			}
 		} else if err := getJSON(fmt.Sprintf("http://%s/api/queue?limit=%d", *httpAddr, *limit), &list); err != nil {
 			return err
 		}
@@ -142,7 +155,7 @@ func cmdQueue(args []string) error {
 			return json.NewEncoder(os.Stdout).Encode(list)
 		}
 		tw := tabwriter.NewWriter(os.Stdout, 2, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tRECEIVED\tSIZE\tFROM\tRCPTS\tPENDING")
+		fmt.Fprintln(tw, "ID\tNODE\tRECEIVED\tSIZE\tFROM\tRCPTS\tPENDING")
 		for _, e := range list {
 			pending := 0
 			for _, r := range e.Rcpts {
@@ -154,7 +167,11 @@ func cmdQueue(args []string) error {
 			if from == "" {
 				from = "<>"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%d\n", e.ID, e.Received.Format(time.RFC3339), e.Size, from, len(e.Rcpts), pending)
+			node := e.Node
+			if node == "" {
+				node = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%d\n", e.ID, node, e.Received.Format(time.RFC3339), e.Size, from, len(e.Rcpts), pending)
 		}
 		tw.Flush()
 		fmt.Printf("%d message(s)\n", len(list))

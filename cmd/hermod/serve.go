@@ -470,6 +470,8 @@ func writeJSON(w http.ResponseWriter, v any) {
 
 // QueueEntry is one message in the admin API and `hermod queue` output.
 type QueueEntry struct {
+	// Node is the cluster node holding it (cluster-wide listings only).
+	Node     string      `json:"node,omitempty"`
 	ID       string      `json:"id"`
 	From     string      `json:"from"`
 	Received time.Time   `json:"received"`
