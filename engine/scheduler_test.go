@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/netip"
@@ -22,6 +23,7 @@ import (
 // starts them and finish when the script says so, through the real
 // outcome code (spool writes, bounces).
 type schedHarness struct {
+	copies []string // messages handed to SchedulerOptions.Replicate
 	t      *testing.T
 	s      *Scheduler
 	st     *spool.Store
@@ -53,6 +55,7 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	cfg.MaxQueueLifetime = time.Hour
 	cfg.ScanInterval = time.Second
 	var outside *staticLimits
+	replicate := false
 	for _, a := range args {
 		v := a.Vals[0]
 		n, _ := strconv.Atoi(v)
@@ -81,6 +84,8 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 				d, _ := time.ParseDuration(r)
 				cfg.Retry = append(cfg.Retry, d)
 			}
+		case "replicate":
+			replicate = true
 		case "outside_conns", "outside_rate":
 			// domain:value — a fixed outside limit (cluster share).
 			if outside == nil {
@@ -111,6 +116,17 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	opt := SchedulerOptions{Store: st, Resolver: noResolver{}, Now: func() time.Time { return h.now }, Seed: 42}
 	if outside != nil {
 		opt.Limits = outside
+	}
+	if replicate {
+		// Bounces are copied to cluster peers before they are queued: the
+		// copy is recorded (with the peers the replicator sets) and only
+		// then does the commit go ahead.
+		opt.Replicate = func(msg *spool.Message, body []byte, done func(error)) {
+			msg.Peers = []string{"self", "peer"}
+			h.copies = append(h.copies, fmt.Sprintf("copy bounce=%v to=%s peers=%v body=%v", msg.Bounce, msg.Rcpts[0].Addr,
+				msg.Peers, bytes.Contains(body, []byte("Content-Type: multipart/report"))))
+			done(nil)
+		}
 	}
 	s, err := NewScheduler(cfg, opt)
 	if err != nil {
@@ -321,6 +337,11 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 		}
 		h.settle(&out)
 		h.dispatch(&out) // as the loop does after every event
+	case "copies":
+		for _, c := range h.copies {
+			fmt.Fprintln(&out, c)
+		}
+		h.copies = nil
 	case "show":
 		h.show(&out)
 	case "spool":
@@ -371,7 +392,11 @@ func (h *schedHarness) showSpool(out *strings.Builder) {
 			}
 			rs = append(rs, s)
 		}
-		lines = append(lines, fmt.Sprintf("%s: %s", name, strings.Join(rs, "; ")))
+		line := fmt.Sprintf("%s: %s", name, strings.Join(rs, "; "))
+		if len(m.Peers) > 0 {
+			line += fmt.Sprintf(" peers=%v", m.Peers)
+		}
+		lines = append(lines, line)
 		return true
 	})
 	sort.Strings(lines)
