@@ -488,12 +488,13 @@ func TestLimitsSite(t *testing.T) {
 		var n int
 		var ok bool
 		waitFor(t, "site lookup of "+d, 5*time.Second, func() bool {
-			n, ok = l.Allowance(d)
+			l.Allowance(d) // starts the lookup
 			l.mu.Lock()
 			defer l.mu.Unlock()
 			_, known := l.siteOf[d]
 			return known
 		})
+		n, ok = l.Allowance(d)
 		return n, ok
 	}
 	if _, ok := allow(a, "c.test"); ok {
