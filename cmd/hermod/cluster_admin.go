@@ -53,34 +53,14 @@ func (d *daemonState) clusterRoutes(mux *http.ServeMux) {
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 		defer cancel()
-		var (
-			mu      sync.Mutex
-			all     []QueueEntry
-			missing = map[string]string{}
-			wg      sync.WaitGroup
-		)
-		for _, m := range d.cluster.Node().Alive() {
-			if m.HTTP == "" {
-				continue
+		lists, missing := gatherFromNodes[[]QueueEntry](ctx, d.cluster.Node().Alive(), fmt.Sprintf("/api/queue?limit=%d", limit))
+		var all []QueueEntry
+		for node, list := range lists {
+			for _, e := range list {
+				e.Node = node
+				all = append(all, e)
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				var list []QueueEntry
-				err := getJSONCtx(ctx, fmt.Sprintf("http://%s/api/queue?limit=%d", m.HTTP, limit), &list)
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					missing[m.Name] = err.Error()
-					return
-				}
-				for _, e := range list {
-					e.Node = m.Name
-					all = append(all, e)
-				}
-			}()
 		}
-		wg.Wait()
 		slices.SortStableFunc(all, func(a, b QueueEntry) int { return a.Received.Compare(b.Received) })
 		if len(all) > limit {
 			all = all[:limit]
@@ -256,4 +236,36 @@ func printBlocks(list []cluster.Block) error {
 		fmt.Fprintf(tw, "%s	%s	%s	%s\n", b.Prefix, until, b.By, b.Reason)
 	}
 	return tw.Flush()
+}
+
+// gatherFromNodes GETs path from the admin API of every member given (that
+// has one) at once and returns each one's decoded answer by node name,
+// and why the others did not answer.
+func gatherFromNodes[T any](ctx context.Context, members []cluster.Member, path string) (map[string]T, map[string]string) {
+	var (
+		mu      sync.Mutex
+		wg      sync.WaitGroup
+		got     = map[string]T{}
+		missing = map[string]string{}
+	)
+	for _, m := range members {
+		if m.HTTP == "" {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var v T
+			err := getJSONCtx(ctx, "http://"+m.HTTP+path, &v)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				missing[m.Name] = err.Error()
+				return
+			}
+			got[m.Name] = v
+		}()
+	}
+	wg.Wait()
+	return got, missing
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -74,33 +73,13 @@ func (d *daemonState) logRoutes(mux *http.ServeMux) {
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 		defer cancel()
-		var (
-			mu      sync.Mutex
-			all     []clusterLogRecord
-			missing = map[string]string{}
-			wg      sync.WaitGroup
-		)
-		for _, m := range d.cluster.Node().Alive() {
-			if m.HTTP == "" {
-				continue
+		lists, missing := gatherFromNodes[[]engine.DeliveryRecord](ctx, d.cluster.Node().Alive(), "/api/log?"+r.URL.RawQuery)
+		var all []clusterLogRecord
+		for node, recs := range lists {
+			for _, rec := range recs {
+				all = append(all, clusterLogRecord{Node: node, DeliveryRecord: rec})
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				var recs []engine.DeliveryRecord
-				err := getJSONCtx(ctx, "http://"+m.HTTP+"/api/log?"+r.URL.RawQuery, &recs)
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					missing[m.Name] = err.Error()
-					return
-				}
-				for _, rec := range recs {
-					all = append(all, clusterLogRecord{Node: m.Name, DeliveryRecord: rec})
-				}
-			}()
 		}
-		wg.Wait()
 		slices.SortStableFunc(all, func(a, b clusterLogRecord) int { return b.Time.Compare(a.Time) })
 		if len(all) > q.Limit {
 			all = all[:q.Limit]
