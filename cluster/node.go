@@ -69,6 +69,13 @@ type Options struct {
 	// Transport replaces memberlist's network transport (simulations and
 	// partition tests). nil uses UDP and TCP on Config.Bind.
 	Transport memberlist.Transport
+
+	// timeScale (simulations only) stretches every gossip timer that is
+	// not in Config by this factor (> 1), to go with a probe interval
+	// stretched by the same factor: the protocol then runs k times slower
+	// in the same proportions, so that hundreds of members fit in one
+	// process. 0 or 1: production timers.
+	timeScale int
 }
 
 // Node is this process's membership in the cluster.
@@ -196,6 +203,15 @@ func (n *Node) Start() error {
 	}
 	if n.opt.Transport != nil {
 		mc.Transport = n.opt.Transport
+	}
+	if k := time.Duration(n.opt.timeScale); k > 1 {
+		// Config's own timers (probe interval, count interval) are
+		// stretched by the caller.
+		mc.GossipInterval = min(200*time.Millisecond*k, max(n.cfg.ProbeInterval/2, 20*time.Millisecond))
+		mc.PushPullInterval *= k
+		mc.TCPTimeout *= k
+		mc.GossipToTheDeadTime *= k
+		sc.ReconnectInterval *= k
 	}
 	sc.MemberlistConfig = mc
 	s, err := serf.Create(sc)

@@ -12,12 +12,20 @@ import (
 	"time"
 )
 
-// simLarge adds the 50- and 200-node runs to TestSim (minutes of CPU;
-// run alone: go test -run TestSim -sim.large -v ./cluster/).
+// simLarge adds the 50- and 200-node runs to TestSim (two minutes; run
+// alone: go test -run TestSim -v ./cluster/ -args -sim.large). The
+// 200-node run stretches its timers 4× unless -sim.scale says otherwise.
 var simLarge = flag.Bool("sim.large", false, "TestSim: also simulate 50 and 200 nodes")
 
 // simN runs TestSim for this one size instead.
 var simN = flag.Int("sim.n", 0, "TestSim: simulate only this many nodes")
+
+// simScale stretches every gossip timer (probe, gossip, push/pull and
+// count intervals) by this factor; the figures are scaled back (times
+// divided, bandwidth multiplied). 200 members at production timers need
+// more CPU than two cores have; at 4× they fit, and the protocol runs in
+// the same proportions.
+var simScale = flag.Int("sim.scale", 1, "TestSim: stretch the gossip timers by this factor (figures scaled back)")
 
 // TestSim runs many gossip members in one process on an in-memory network
 // (simNet) with the production Node and Limits, and measures
@@ -42,10 +50,14 @@ func TestSim(t *testing.T) {
 	}
 	for _, n := range sizes {
 		t.Run(fmt.Sprintf("N=%d", n), func(t *testing.T) {
-			p := simParams{nodes: n, domains: 20, rounds: 8, window: 2 * time.Second}
+			p := simParams{nodes: n, domains: 20, rounds: 8, window: 2 * time.Second, scale: max(*simScale, 1)}
+			if n >= 200 && *simScale == 1 {
+				p.scale = 4 // 200 members at production timers need more than 2 cores
+			}
 			if n > 10 {
 				p.rounds, p.window = 3, 3*time.Second
 			}
+			p.window *= time.Duration(p.scale)
 			r := runSim(t, p)
 			t.Logf("N=%d: %s", n, r)
 			if n == 10 {
@@ -70,6 +82,7 @@ type simParams struct {
 	domains int
 	rounds  int           // rounds of probes, one per domain each round
 	window  time.Duration // bandwidth measurement without counts
+	scale   int           // timer stretch (simScale)
 }
 
 type simResult struct {
@@ -84,18 +97,19 @@ type simResult struct {
 	memberSent, memberRecv, countSent, countRecv, countSentMax float64
 	dropped                                                    int64
 	falseFailed                                                int     // failure reports of nodes that were not cut
-	cpu                                                        float64 // CPU seconds per second during the probes
+	cpu                                                        float64 // CPU seconds per second during the probes (at the stretched timers)
+	scale                                                      int
 	joinTime                                                   time.Duration
 }
 
 func (r simResult) String() string {
 	return fmt.Sprintf("joined in %v; counts converge p50 %v p99 %v max %v (after first send: p50 %v p99 %v), %d/%d not within %v; "+
 		"failure seen first %v, by all %v; bytes/s per node: membership only sent %.0f recv %.0f, with counts sent %.0f recv %.0f (max node sent %.0f); "+
-		"packets dropped %d; live nodes reported failed %d times; process CPU %.2f cores",
+		"packets dropped %d; live nodes reported failed %d times; process CPU %.2f cores (timers stretched %d×; figures scaled back)",
 		r.joinTime.Round(time.Millisecond), r.convP50.Round(time.Millisecond), r.convP99.Round(time.Millisecond), r.convMax.Round(time.Millisecond),
 		r.delayP50.Round(time.Millisecond), r.delayP99.Round(time.Millisecond), r.unconverged, r.probes, simProbeBound,
 		r.detectFirst.Round(time.Millisecond), r.detectAll.Round(time.Millisecond),
-		r.memberSent, r.memberRecv, r.countSent, r.countRecv, r.countSentMax, r.dropped, r.falseFailed, r.cpu)
+		r.memberSent, r.memberRecv, r.countSent, r.countRecv, r.countSentMax, r.dropped, r.falseFailed, r.cpu, r.scale)
 }
 
 // simNode is one member of the simulation.
@@ -106,6 +120,7 @@ type simNode struct {
 	tr     *simTransport
 	lim    *Limits
 	killed bool
+	inbox  chan []byte // count reports, handled in order by one goroutine (as one connection's reader would)
 
 	// sendMu orders a probe's change against the node's own gossip, so
 	// the probe knows which gossip round first carried it.
@@ -176,16 +191,32 @@ func runSim(t *testing.T, p simParams) simResult {
 			cfg.Join = []string{simAddr(0)}
 		}
 		cfg.EnsureDefaults("")
+		k := time.Duration(p.scale)
+		cfg.ProbeInterval *= k
+		cfg.CountInterval *= k
 		interval = cfg.CountInterval
 		tr, err := network.add(cfg.Bind)
 		if err != nil {
 			t.Fatal(err)
 		}
-		node, err := NewNode(cfg, Options{Transport: tr})
+		node, err := NewNode(cfg, Options{Transport: tr, timeScale: p.scale})
 		if err != nil {
 			t.Fatal(err)
 		}
 		sn.tr, sn.node = tr, node
+		sn.inbox = make(chan []byte, 4096)
+		gossip.Add(1)
+		go func() {
+			defer gossip.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				case b := <-sn.inbox:
+					c.received(sn, b)
+				}
+			}
+		}()
 		sn.lim = NewLimits(sn.name, limits, cfg.CountInterval, func() int { return len(node.Alive()) }, func([]byte) error { return nil })
 		node.OnMemberChange(func(ch MemberChange) {
 			now := time.Now()
@@ -210,16 +241,17 @@ func runSim(t *testing.T, p simParams) simResult {
 		c.byName[sn.name] = sn
 	}
 	var r simResult
-	r.nodes = p.nodes
+	r.nodes, r.scale = p.nodes, p.scale
 	start := time.Now()
 	for _, sn := range c.nodes {
 		if err := sn.node.Start(); err != nil {
 			t.Fatal(err)
 		}
 	}
-	joinBound := 30 * time.Second
+	k := time.Duration(p.scale)
+	joinBound := 30 * time.Second * k
 	if p.nodes <= 10 {
-		joinBound = 10 * time.Second
+		joinBound = 10 * time.Second * k
 	}
 	if !simWait(joinBound, func() bool {
 		for _, sn := range c.nodes {
@@ -292,7 +324,7 @@ func runSim(t *testing.T, p simParams) simResult {
 			}
 		}()
 	}
-	if !simWait(15*time.Second, func() bool {
+	if !simWait(15*time.Second*k, func() bool {
 		for _, sn := range c.nodes {
 			for _, d := range c.domains {
 				if sn.lim.ClusterHeld(d) != truth[d] {
@@ -302,7 +334,7 @@ func runSim(t *testing.T, p simParams) simResult {
 		}
 		return true
 	}) {
-		t.Logf("initial counts not converged on every node within 15s")
+		t.Logf("initial counts not converged on every node within %v", 15*time.Second*k)
 	}
 
 	// Probes: each round changes one count per domain, each at a random
@@ -323,7 +355,7 @@ func runSim(t *testing.T, p simParams) simResult {
 			truth[d] += delta
 			ps = append(ps, c.change(origin, d, delta, truth[d]))
 		}
-		deadline := time.NewTimer(simProbeBound)
+		deadline := time.NewTimer(simProbeBound * k)
 	wait:
 		for _, pr := range ps {
 			select {
@@ -393,7 +425,7 @@ func runSim(t *testing.T, p simParams) simResult {
 	victim.killed = true
 	go func() { _ = victim.node.Kill() }()
 	others := p.nodes - 1
-	if simWait(simDetectBound, func() bool {
+	if simWait(simDetectBound*k, func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		n := 0
@@ -418,6 +450,15 @@ func runSim(t *testing.T, p simParams) simResult {
 		c.mu.Unlock()
 		r.detectFirst, r.detectAll = first.Sub(cut), last.Sub(cut)
 	}
+	if p.scale > 1 {
+		// Back to production timers: the protocol ran k times slower.
+		for _, d := range []*time.Duration{&r.joinTime, &r.convP50, &r.convP99, &r.convMax, &r.delayP50, &r.delayP99, &r.detectFirst, &r.detectAll} {
+			*d /= k
+		}
+		for _, b := range []*float64{&r.memberSent, &r.memberRecv, &r.countSent, &r.countRecv, &r.countSentMax} {
+			*b *= float64(p.scale)
+		}
+	}
 	return r
 }
 
@@ -425,7 +466,11 @@ func runSim(t *testing.T, p simParams) simResult {
 // the probes of sn that this round is the first to carry.
 func (c *simCluster) gossip(sn *simNode) {
 	sn.sendMu.Lock()
-	payloads := sn.lim.payloads()
+	payloads := sn.lim.Report()
+	if payloads == nil {
+		sn.sendMu.Unlock()
+		return // unchanged and not due for a refresh
+	}
 	now := time.Now()
 	c.mu.Lock()
 	for _, pr := range c.probes {
@@ -453,7 +498,11 @@ func (c *simCluster) gossip(sn *simNode) {
 			n := int64(len(b) + 5) // frame header
 			sn.directSent.Add(n)
 			other.directRecv.Add(n)
-			go c.received(other, b)
+			select {
+			case other.inbox <- b:
+			default:
+				sn.tr.dropped.Add(1) // a connection this far behind would be cut too
+			}
 		}
 	}
 }
