@@ -93,8 +93,9 @@ type Config struct {
 	// (messages per second, all nodes together), split among the nodes
 	// that have mail for it. Default: {}.
 	DomainRates map[string]float64 `toml:"domain_rates"`
-	// CountInterval is how often each node gossips its connection counts
-	// for limited domains. Default: 500ms.
+	// CountInterval is how often each node sends its connection counts
+	// for limited domains to the others when they changed (unchanged
+	// ones every 4 intervals). Default: 500ms.
 	CountInterval time.Duration `toml:"count_interval"`
 
 	// ProbeInterval and SuspicionMult tune failure detection (memberlist):
