@@ -93,19 +93,44 @@ func (s *Server) Serve() error {
 	for i, l := range s.cfg.Listen {
 		addrs[i] = "tcp://" + l
 	}
+	// gnet (v2.9.7) mishandles a listener that cannot be bound: the
+	// listeners already opened for earlier addresses stay open (bound)
+	// forever, and with WithTCPKeepAlive the bind error is replaced by the
+	// result of setsockopt on the closed descriptor — EBADF, or nil and a
+	// "listener" on whatever file reused that number. So every address is
+	// tried here first, and no keepalive is set on the listener (a dead
+	// client is closed by the session's command timeouts).
+	if err := checkBindable(s.cfg.Listen); err != nil {
+		close(s.stopped)
+		return fmt.Errorf("netio: serve %v: %w", s.cfg.Listen, err)
+	}
 	h := &handler{s: s}
 	err := gnet.Rotate(h, addrs,
 		gnet.WithMulticore(true),
 		gnet.WithNumEventLoop(s.cfg.EventLoops),
 		gnet.WithReuseAddr(true),
 		gnet.WithTicker(true),
-		gnet.WithTCPKeepAlive(5*time.Minute),
 		gnet.WithLogger(gnetLogger{s.log}),
 		gnet.WithLogLevel(logging.ErrorLevel),
 	)
 	close(s.stopped)
 	if err != nil {
 		return fmt.Errorf("netio: serve %v: %w", s.cfg.Listen, err)
+	}
+	return nil
+}
+
+// checkBindable binds and closes each address (with SO_REUSEADDR, as gnet
+// does), so that a busy one is reported before gnet opens any listener.
+func checkBindable(listen []string) error {
+	for _, a := range listen {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			return err
+		}
+		if err := ln.Close(); err != nil {
+			return err
+		}
 	}
 	return nil
 }
