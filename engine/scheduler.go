@@ -119,6 +119,9 @@ type Scheduler struct {
 	lastTick time.Time
 	cursorT  time.Time
 	cursorID spool.ID
+	// scanSlices counts the slices the current scan yielded since the
+	// last tick (scanSlicesPerTick).
+	scanSlices int
 
 	m           schedCounters
 	cachedBytes atomic.Int64 // bodies held by the hot path
@@ -370,9 +373,11 @@ func (s *Scheduler) loop() {
 			continue
 		}
 		now := s.now()
-		if now.Sub(s.lastTick) >= tickEvery || !now.Before(s.scanAt) {
+		if now.Sub(s.lastTick) >= tickEvery {
 			s.lastTick = now
 			s.tick(now)
+		} else if !now.Before(s.scanAt) {
+			s.scan(now)
 		}
 		s.dispatch(now)
 	}
@@ -802,13 +807,18 @@ const scanBudget = 20000
 const (
 	scanTime  = 40 * time.Millisecond
 	scanYield = time.Millisecond
+	// scanSlicesPerTick bounds the yielded slices a scan takes between
+	// ticks: with events always waiting (a busy drain) the loop then
+	// alternates ~1 ms of scanning with a round of events, for at most
+	// this many slices per tick.
+	scanSlicesPerTick = 40
 )
 
 // scan loads due messages from the spool's due index into the active set,
 // resuming where the previous tick stopped; a complete pass waits
 // ScanInterval before the next.
 func (s *Scheduler) scan(now time.Time) {
-	examined, finished := 0, true
+	examined, finished, yielded := 0, true, false
 	start := time.Now() // real time: the loop's own budget, whatever the clock
 	err := s.st.DueAfterHint(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time, hint []byte) bool {
 		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget {
@@ -816,8 +826,13 @@ func (s *Scheduler) scan(now time.Time) {
 			return false
 		}
 		if examined&15 == 15 {
-			if el := time.Since(start); el > scanTime || el > scanYield && len(s.events) > 0 {
+			el := time.Since(start)
+			if el > scanTime {
 				finished = false
+				return false
+			}
+			if el > scanYield && len(s.events) > 0 {
+				finished, yielded = false, true
 				return false
 			}
 		}
@@ -842,10 +857,21 @@ func (s *Scheduler) scan(now time.Time) {
 		s.log.Error("scanning the due index", "err", err)
 	}
 	if !finished {
+		if yielded && s.scanSlices < scanSlicesPerTick {
+			// Events were waiting: go on from the cursor right after
+			// them, so that a drain is fed by slices of scanYield
+			// between events instead of one slice per tick (which held
+			// the drain of a backlog to ~1 ms of loading per 50 ms).
+			s.scanSlices++
+			s.scanAt = now
+			return
+		}
 		// Go on from the cursor at the next tick, not at every event.
+		s.scanSlices = 0
 		s.scanAt = now.Add(tickEvery)
 		return
 	}
+	s.scanSlices = 0
 	s.cursorT, s.cursorID = time.Time{}, spool.ID{}
 	s.scanAt = now.Add(s.cfg.ScanInterval)
 	if next, ok := s.st.NextDue(); ok && next.After(now) && next.Before(s.scanAt) {
