@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -380,6 +381,11 @@ func (s *Store) Load(id ID) (*Message, error) {
 		return nil, ErrClosed
 	}
 	defer s.exit()
+	// Under the ID's lock, so that the records it reads and puts in the
+	// recipient cache are not older than a concurrent Update's.
+	l := s.lockID(id)
+	l.Lock()
+	defer l.Unlock()
 	var lo, hi [rcptKeyLen]byte
 	it, err := s.db.NewIter(&pebble.IterOptions{
 		LowerBound: envKey(lo[:0], id),
@@ -411,6 +417,13 @@ func (s *Store) Load(id ID) (*Message, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The Update recording this message's delivery then finds its
+	// records in the cache instead of reading them back (in the drain of
+	// a backlog that reached the sstables, that read was 15% of the CPU).
+	// Point lookups instead of the iterator were tried for few-recipient
+	// messages: no faster on a spool much larger than the block cache
+	// (41 vs 36-41 µs per cold Load).
+	s.rcache.put(id, slices.Clone(m.Rcpts), s.clock())
 	return m, nil
 }
 
