@@ -139,71 +139,100 @@ func (c *ClientConn) Send(ctx context.Context, env *ClientEnvelope, body []byte)
 
 // send runs the transaction; Send has checked the envelope.
 func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 bool) (*SendResult, error) {
-	res := &SendResult{}
-	if len(env.Rcpts) == 1 {
-		res.Rcpts = res.one[:]
-	} else {
-		res.Rcpts = make([]*smtperr.Error, len(env.Rcpts))
-	}
+	res := newSendResult(env)
 	start := time.Now()
 	pipe := c.exts&clientExtPipelining != 0
 	c.wtimeout = c.cfg.MailTimeout
 
 	reset := c.needReset
 	c.needReset = false
-	if reset {
-		c.bw.WriteString("RSET\r\n")
-		if !pipe {
-			if err := c.flush(c.cfg.MailTimeout); err != nil {
-				return res, c.ioError("RSET", err)
-			}
-			if err := c.readReset(); err != nil {
-				return res, err
-			}
-		}
+	if !pipe {
+		return c.sendLockStep(res, env, body, size, utf8, reset, start)
 	}
-	if pipe && c.exts&clientExtChunking != 0 {
+	if c.exts&clientExtChunking != 0 {
+		if reset {
+			c.bw.WriteString("RSET\r\n")
+		}
 		return c.sendChunked(res, env, body, size, utf8, reset, start)
 	}
-	c.writeMail(env, size, utf8)
-	if pipe {
-		for i := range env.Rcpts {
-			c.writeRcpt(env, i)
-		}
-		c.bw.WriteString("DATA\r\n")
-	}
+	c.writeEnvelope(env, size, utf8, reset)
 	if err := c.flush(c.cfg.MailTimeout); err != nil {
 		return res, c.ioError("MAIL", err)
 	}
-	if pipe && reset {
+	data, err := c.readEnvelope(res, env, reset)
+	if err != nil {
+		return res, err
+	}
+	t354 := time.Now()
+	res.Timing.Envelope = t354.Sub(start)
+	if data == clientDataNone {
+		return res, nil
+	}
+	c.writeData(data, body)
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		return res, c.ioError("DATA body", err)
+	}
+	return res, c.readDataEnd(res, data, t354)
+}
+
+// newSendResult returns an empty result for env.
+func newSendResult(env *ClientEnvelope) *SendResult {
+	res := &SendResult{}
+	if len(env.Rcpts) == 1 {
+		res.Rcpts = res.one[:]
+	} else {
+		res.Rcpts = make([]*smtperr.Error, len(env.Rcpts))
+	}
+	return res
+}
+
+// clientData says what follows the reply to a pipelined DATA.
+type clientData uint8
+
+const (
+	// clientDataNone: DATA was refused; nothing is sent.
+	clientDataNone clientData = iota
+	// clientDataBody: the message and the final dot.
+	clientDataBody
+	// clientDataDot: only the final dot, because DATA got 354 although no
+	// recipient was accepted (RFC 2920 §3.1).
+	clientDataDot
+)
+
+// writeEnvelope buffers a pipelined envelope: RSET when reset, MAIL, every
+// RCPT and DATA.
+func (c *ClientConn) writeEnvelope(env *ClientEnvelope, size int64, utf8, reset bool) {
+	if reset {
+		c.bw.WriteString("RSET\r\n")
+	}
+	c.writeMail(env, size, utf8)
+	for i := range env.Rcpts {
+		c.writeRcpt(env, i)
+	}
+	c.bw.WriteString("DATA\r\n")
+}
+
+// readEnvelope reads the replies to an envelope written by writeEnvelope
+// into res and says what is to be sent next. When DATA was refused after
+// MAIL was accepted, the transaction is left open: the next one starts with
+// RSET.
+func (c *ClientConn) readEnvelope(res *SendResult, env *ClientEnvelope, reset bool) (clientData, error) {
+	if reset {
 		if err := c.readReset(); err != nil {
-			return res, err
+			return clientDataNone, err
 		}
 	}
-
 	mail, err := c.reply(c.cfg.MailTimeout, clientStepMail)
 	if err != nil {
-		return res, c.ioError("MAIL", err)
+		return clientDataNone, c.ioError("MAIL", err)
 	}
 	res.Mail = mail
 	mailOK := mail.Code/100 == 2
 	accepted := 0
 	for i := range env.Rcpts {
-		if !pipe {
-			if !mailOK {
-				res.Rcpts[i] = mail
-				continue
-			}
-			if c.closing == nil {
-				c.writeRcpt(env, i)
-				if err := c.flush(c.cfg.RcptTimeout); err != nil {
-					return res, c.ioError("RCPT", err)
-				}
-			}
-		}
 		rep, err := c.reply(c.cfg.RcptTimeout, clientStepRcpt)
 		if err != nil {
-			return res, c.ioError("RCPT", err)
+			return clientDataNone, c.ioError("RCPT", err)
 		}
 		if !mailOK {
 			// Replies to RCPT after a refused MAIL say nothing about the
@@ -216,18 +245,110 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 		}
 	}
 	ok := mailOK && accepted > 0
-
-	if !pipe {
-		if !ok {
-			res.Timing.Envelope = time.Since(start)
-			c.needReset = mailOK && c.closing == nil
-			return res, nil
+	rep, err := c.reply(c.cfg.DataInitTimeout, clientStepDataInit)
+	if err != nil {
+		return clientDataNone, c.ioError("DATA", err)
+	}
+	switch {
+	case rep.Code != 354:
+		if ok {
+			res.Data = rep
 		}
+		c.needReset = mailOK && c.closing == nil
+		return clientDataNone, nil
+	case !ok:
+		return clientDataDot, nil
+	}
+	return clientDataBody, nil
+}
+
+// writeData buffers what follows a 354: the dot-stuffed body and the final
+// dot, or the final dot alone (after which the next transaction starts
+// with RSET: the server should have refused the empty message).
+func (c *ClientConn) writeData(data clientData, body []byte) {
+	c.wtimeout = c.cfg.DataBlockTimeout
+	switch data {
+	case clientDataBody:
+		clientWriteBody(c.bw, body)
+	case clientDataDot:
+		c.bw.WriteString(".\r\n")
+		c.needReset = true
+	}
+}
+
+// readDataEnd reads the reply to the final dot written by writeData.
+func (c *ClientConn) readDataEnd(res *SendResult, data clientData, t354 time.Time) error {
+	wrote := time.Now()
+	if data == clientDataDot {
+		if _, err := c.reply(c.cfg.DataTermTimeout, clientStepCount); err != nil {
+			return c.ioError("end of DATA", err)
+		}
+		return nil
+	}
+	res.Timing.Wrote = wrote.Sub(t354)
+	rep, err := c.reply(c.cfg.DataTermTimeout, clientStepDot)
+	if err != nil {
+		return c.ioError("end of DATA", err)
+	}
+	res.Timing.Acked = time.Since(wrote)
+	res.Data = rep
+	return nil
+}
+
+// sendLockStep runs the transaction without PIPELINING: each command waits
+// for its reply.
+func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []byte, size int64, utf8, reset bool, start time.Time) (*SendResult, error) {
+	if reset {
+		c.bw.WriteString("RSET\r\n")
+		if err := c.flush(c.cfg.MailTimeout); err != nil {
+			return res, c.ioError("RSET", err)
+		}
+		if err := c.readReset(); err != nil {
+			return res, err
+		}
+	}
+	c.writeMail(env, size, utf8)
+	if err := c.flush(c.cfg.MailTimeout); err != nil {
+		return res, c.ioError("MAIL", err)
+	}
+	mail, err := c.reply(c.cfg.MailTimeout, clientStepMail)
+	if err != nil {
+		return res, c.ioError("MAIL", err)
+	}
+	res.Mail = mail
+	if mail.Code/100 != 2 {
+		for i := range res.Rcpts {
+			res.Rcpts[i] = mail
+		}
+		res.Timing.Envelope = time.Since(start)
+		return res, nil
+	}
+	accepted := 0
+	for i := range env.Rcpts {
 		if c.closing == nil {
-			c.bw.WriteString("DATA\r\n")
-			if err := c.flush(c.cfg.DataInitTimeout); err != nil {
-				return res, c.ioError("DATA", err)
+			c.writeRcpt(env, i)
+			if err := c.flush(c.cfg.RcptTimeout); err != nil {
+				return res, c.ioError("RCPT", err)
 			}
+		}
+		rep, err := c.reply(c.cfg.RcptTimeout, clientStepRcpt)
+		if err != nil {
+			return res, c.ioError("RCPT", err)
+		}
+		res.Rcpts[i] = rep
+		if rep.Code/100 == 2 {
+			accepted++
+		}
+	}
+	if accepted == 0 {
+		res.Timing.Envelope = time.Since(start)
+		c.needReset = c.closing == nil
+		return res, nil
+	}
+	if c.closing == nil {
+		c.bw.WriteString("DATA\r\n")
+		if err := c.flush(c.cfg.DataInitTimeout); err != nil {
+			return res, c.ioError("DATA", err)
 		}
 	}
 	rep, err := c.reply(c.cfg.DataInitTimeout, clientStepDataInit)
@@ -237,40 +358,15 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 	t354 := time.Now()
 	res.Timing.Envelope = t354.Sub(start)
 	if rep.Code != 354 {
-		if ok {
-			res.Data = rep
-		}
-		c.needReset = mailOK && c.closing == nil
-		return res, nil
-	}
-	if !ok {
-		// RFC 2920 §3.1: DATA was accepted although no recipient was. End
-		// the (empty) message with a lone dot; the server should refuse it.
-		c.bw.WriteString(".\r\n")
-		if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
-			return res, c.ioError("DATA", err)
-		}
-		if _, err := c.reply(c.cfg.DataTermTimeout, clientStepCount); err != nil {
-			return res, c.ioError("end of DATA", err)
-		}
+		res.Data = rep
 		c.needReset = c.closing == nil
 		return res, nil
 	}
-
-	c.wtimeout = c.cfg.DataBlockTimeout
-	clientWriteBody(c.bw, body)
+	c.writeData(clientDataBody, body)
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 		return res, c.ioError("DATA body", err)
 	}
-	wrote := time.Now()
-	res.Timing.Wrote = wrote.Sub(t354)
-	rep, err = c.reply(c.cfg.DataTermTimeout, clientStepDot)
-	if err != nil {
-		return res, c.ioError("end of DATA", err)
-	}
-	res.Timing.Acked = time.Since(wrote)
-	res.Data = rep
-	return res, nil
+	return res, c.readDataEnd(res, clientDataBody, t354)
 }
 
 // sendChunked runs the transaction with CHUNKING (RFC 3030) over
@@ -351,8 +447,12 @@ func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset boo
 // server offers PIPELINING and CHUNKING they all go out in one write — each
 // after the first preceded by RSET, each a MAIL, its RCPTs and "BDAT n
 // LAST" with the message (RFC 2920 lets BDAT be followed by more commands
-// in a group) — and their replies come back in one round trip; otherwise
-// they are sent one after another with Send.
+// in a group) — and their replies come back in one round trip. With
+// PIPELINING alone, each message goes out in one write with the envelope
+// of the next transaction behind its final dot (RFC 2920 §3.1: message
+// content may be the first "command" of a group): n transactions take n+1
+// writes and round trips instead of 2n. Without PIPELINING they are sent
+// one after another with Send.
 //
 // It returns a result and an error per transaction, with Send's meaning. A
 // transaction Send would refuse before sending (size, 8BITMIME, SMTPUTF8,
@@ -362,7 +462,7 @@ func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset boo
 func (c *ClientConn) SendBatch(ctx context.Context, envs []*ClientEnvelope, bodies [][]byte) ([]*SendResult, []error) {
 	results := make([]*SendResult, len(envs))
 	errs := make([]error, len(envs))
-	if len(envs) == 1 || c.exts&clientExtPipelining == 0 || c.exts&clientExtChunking == 0 {
+	if len(envs) == 1 || c.exts&clientExtPipelining == 0 {
 		for i := range envs {
 			if !c.Usable() {
 				errs[i] = ErrClientUnusable
@@ -378,37 +478,58 @@ func (c *ClientConn) SendBatch(ctx context.Context, envs []*ClientEnvelope, bodi
 		}
 		return results, errs
 	}
-	type pending struct {
-		i     int
-		reset bool
-	}
-	sent := make([]pending, 0, len(envs))
-	start := time.Now()
+	// Refuse what cannot be sent before anything is.
+	sent := make([]clientPending, 0, len(envs))
 	for i, env := range envs {
 		size, utf8, err := c.precheck(env, bodies[i])
 		if err != nil {
 			errs[i] = err
 			continue
 		}
-		res := &SendResult{}
-		if len(env.Rcpts) == 1 {
-			res.Rcpts = res.one[:]
-		} else {
-			res.Rcpts = make([]*smtperr.Error, len(env.Rcpts))
-		}
-		results[i] = res
-		reset := c.needReset || len(sent) > 0
-		c.needReset = false
-		if reset {
-			c.bw.WriteString("RSET\r\n")
-		}
-		c.writeChunked(env, bodies[i], size, utf8)
-		sent = append(sent, pending{i, reset})
+		results[i] = newSendResult(env)
+		sent = append(sent, clientPending{i: i, size: size, utf8: utf8})
 	}
 	if len(sent) == 0 {
 		return results, errs
 	}
 	stop := c.watch(ctx)
+	if c.exts&clientExtChunking != 0 {
+		c.sendBatchChunked(envs, bodies, results, errs, sent)
+	} else {
+		c.sendBatchData(envs, bodies, results, errs, sent)
+	}
+	if stop != nil && !stop() {
+		c.broken = true
+		for _, p := range sent {
+			if errs[p.i] != nil {
+				errs[p.i] = fmt.Errorf("netio: client: %s: %w (%v)", c.mx, context.Cause(ctx), errs[p.i])
+			}
+		}
+	}
+	return results, errs
+}
+
+// clientPending is a transaction of a batch that passed precheck.
+type clientPending struct {
+	i     int // index in the batch
+	size  int64
+	utf8  bool
+	reset bool // preceded by RSET
+}
+
+// sendBatchChunked writes every transaction of sent at once (with CHUNKING)
+// and reads their replies.
+func (c *ClientConn) sendBatchChunked(envs []*ClientEnvelope, bodies [][]byte, results []*SendResult, errs []error, sent []clientPending) {
+	start := time.Now()
+	for k := range sent {
+		p := &sent[k]
+		p.reset = c.needReset || k > 0
+		c.needReset = false
+		if p.reset {
+			c.bw.WriteString("RSET\r\n")
+		}
+		c.writeChunked(envs[p.i], bodies[p.i], p.size, p.utf8)
+	}
 	var failed error
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 		failed = c.ioError("BDAT", err)
@@ -425,15 +546,73 @@ func (c *ClientConn) SendBatch(ctx context.Context, envs []*ClientEnvelope, bodi
 			errs[p.i] = err
 		}
 	}
-	if stop != nil && !stop() {
-		c.broken = true
-		for _, p := range sent {
-			if errs[p.i] != nil {
-				errs[p.i] = fmt.Errorf("netio: client: %s: %w (%v)", c.mx, context.Cause(ctx), errs[p.i])
+}
+
+// sendBatchData runs the transactions of sent with DATA, pipelining the
+// envelope of each behind the message of the one before: after the reply
+// to DATA, one write carries the message, its final dot and the next
+// RSET (when needed), MAIL, RCPTs and DATA; the replies to the dot and to
+// those commands then come back together.
+func (c *ClientConn) sendBatchData(envs []*ClientEnvelope, bodies [][]byte, results []*SendResult, errs []error, sent []clientPending) {
+	var failed error
+	start := time.Now()
+	first := &sent[0]
+	first.reset = c.needReset
+	c.needReset = false
+	c.wtimeout = c.cfg.MailTimeout
+	c.writeEnvelope(envs[first.i], first.size, first.utf8, first.reset)
+	if err := c.flush(c.cfg.MailTimeout); err != nil {
+		failed = c.ioError("MAIL", err)
+	}
+	for k, p := range sent {
+		if failed != nil {
+			errs[p.i] = failed
+			continue
+		}
+		res := results[p.i]
+		data, err := c.readEnvelope(res, envs[p.i], p.reset)
+		if err != nil {
+			failed = err
+			errs[p.i] = err
+			continue
+		}
+		t354 := time.Now()
+		res.Timing.Envelope = t354.Sub(start)
+		timeout, step := c.cfg.MailTimeout, "MAIL"
+		if data != clientDataNone {
+			c.writeData(data, bodies[p.i])
+			timeout, step = c.cfg.DataBlockTimeout, "DATA body"
+		}
+		// The next envelope goes behind, unless the server is closing the
+		// connection (a 421 to DATA).
+		more := k+1 < len(sent)
+		wroteNext := more && c.Usable()
+		if wroteNext {
+			next := &sent[k+1]
+			next.reset = c.needReset
+			c.needReset = false
+			c.writeEnvelope(envs[next.i], next.size, next.utf8, next.reset)
+		}
+		if c.bw.Buffered() > 0 {
+			if err := c.flush(timeout); err != nil {
+				failed = c.ioError(step, err)
+				errs[p.i] = failed
+				continue
 			}
 		}
+		start = time.Now()
+		if data != clientDataNone {
+			if err := c.readDataEnd(res, data, t354); err != nil {
+				failed = err
+				errs[p.i] = err
+				continue
+			}
+		}
+		if more && !wroteNext {
+			// The rest was not sent.
+			failed = ErrClientUnusable
+		}
 	}
-	return results, errs
 }
 
 // precheck refuses, before anything is sent, a transaction the server
