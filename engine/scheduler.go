@@ -122,6 +122,10 @@ type Scheduler struct {
 	// scanSlices counts the slices the current scan yielded since the
 	// last tick (scanSlicesPerTick).
 	scanSlices int
+	// During a scan: the cursor before the entry being examined.
+	inScan     bool
+	scanPrevT  time.Time
+	scanPrevID spool.ID
 
 	m           schedCounters
 	cachedBytes atomic.Int64 // bodies held by the hot path
@@ -164,7 +168,12 @@ type dest struct {
 	okSince      int          // deliveries since the limit was last changed
 	inRing       bool
 	refused      bool // mail was left in the spool because ready was full
-	stat         DomainStat
+	// refusedT/ID: the scan cursor just before the first entry left in
+	// the spool for d (zero: from the start); when d drains, the scan
+	// rewinds there instead of walking the whole index again.
+	refusedT  time.Time
+	refusedID spool.ID
+	stat      DomainStat
 }
 
 // agent is one outbound connection's goroutine.
@@ -468,7 +477,7 @@ func (s *Scheduler) admit(msg *spool.Message, now time.Time) bool {
 	for _, dom := range order {
 		if d := s.dests[dom]; d != nil && len(d.ready) >= s.cfg.DestinationQueueLimit {
 			s.m.destFull.Add(1)
-			d.refused = true
+			s.markRefused(d)
 			return false
 		}
 	}
@@ -515,10 +524,23 @@ func (s *Scheduler) refusedAll(hint []byte) bool {
 		if d == nil || len(d.ready) < s.cfg.DestinationQueueLimit {
 			return false
 		}
-		d.refused = true // full: rescan when it drains (pop)
+		s.markRefused(d) // full: rescan when it drains (pop)
 	}
 	s.m.destFull.Add(1)
 	return true
+}
+
+// markRefused records that mail for d was left in the spool, and where
+// the scan was (the start, outside a scan).
+func (s *Scheduler) markRefused(d *dest) {
+	if d.refused {
+		return
+	}
+	d.refused = true
+	d.refusedT, d.refusedID = time.Time{}, spool.ID{}
+	if s.inScan {
+		d.refusedT, d.refusedID = s.scanPrevT, s.scanPrevID
+	}
 }
 
 func (s *Scheduler) dest(name string) *dest {
@@ -760,9 +782,15 @@ func (s *Scheduler) pop(d *dest) *job {
 	d.ready = d.ready[1:]
 	s.m.ready.Add(-1)
 	if d.refused && len(d.ready) <= s.cfg.DestinationQueueLimit/2 {
-		// Mail was left in the spool for lack of room: fetch it now.
+		// Mail was left in the spool for lack of room: fetch it now,
+		// from where the first of it was stepped over (walking a backlog
+		// of a million entries from the start at every refill made the
+		// drain quadratic).
 		d.refused = false
 		s.scanAt = time.Time{}
+		if d.refusedT.Before(s.cursorT) || d.refusedT.Equal(s.cursorT) && bytes.Compare(d.refusedID[:], s.cursorID[:]) < 0 {
+			s.cursorT, s.cursorID = d.refusedT, d.refusedID
+		}
 	}
 	return j
 }
@@ -820,6 +848,8 @@ const (
 func (s *Scheduler) scan(now time.Time) {
 	examined, finished, yielded := 0, true, false
 	start := time.Now() // real time: the loop's own budget, whatever the clock
+	s.inScan = true
+	defer func() { s.inScan = false }()
 	err := s.st.DueAfterHint(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time, hint []byte) bool {
 		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget {
 			finished = false
@@ -837,19 +867,33 @@ func (s *Scheduler) scan(now time.Time) {
 			}
 		}
 		examined++
+		s.scanPrevT, s.scanPrevID = s.cursorT, s.cursorID
 		s.cursorT, s.cursorID = due, id
 		if s.active[id] != nil || s.refusedAll(hint) {
 			return true
 		}
-		msg, err := s.st.Load(id)
+		// The body comes in the same read when the body cache has room
+		// (the agent then need not read it again).
+		maxBody := int64(-1)
+		if s.cachedBytes.Load() < maxCachedBytes {
+			maxBody = maxCachedBody
+		}
+		msg, body, err := s.st.LoadWithBody(id, maxBody)
 		if err != nil {
 			if !errors.Is(err, spool.ErrNotFound) {
 				s.log.Error("loading queued message", "msg_id", id.String(), "err", err)
 			}
 			return true
 		}
+		if body != nil && s.cachedBytes.Add(int64(len(body))) > maxCachedBytes {
+			s.uncache(body)
+			body = nil
+		}
 		if s.admit(msg, now) {
 			s.m.scanned.Add(1)
+			s.active[msg.ID].body = body
+		} else {
+			s.uncache(body)
 		}
 		return true
 	})

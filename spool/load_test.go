@@ -50,8 +50,16 @@ func TestLoadCachesRecords(t *testing.T) {
 	if err := s.db.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range msgs {
+	for i, m := range msgs {
 		check("sstable", m, pending)
+		want := testBody(i, 300)
+		got, body, err := s.LoadWithBody(m.ID, int64(len(want)))
+		if err != nil || len(got.Rcpts) != len(m.Rcpts) || string(body) != string(want) {
+			t.Fatalf("LoadWithBody(%d rcpts): %v, %d rcpts, body equal %v", len(m.Rcpts), err, len(got.Rcpts), string(body) == string(want))
+		}
+		if _, body, err := s.LoadWithBody(m.ID, int64(len(want)-1)); err != nil || body != nil {
+			t.Fatalf("LoadWithBody over the size bound: %v, body %d bytes", err, len(body))
+		}
 	}
 	// Load may have cached the records: an Update must still see and
 	// write the current state, and a later Load must read it.

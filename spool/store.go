@@ -377,8 +377,18 @@ func (s *Store) closeDB() (err error) {
 // Load returns the envelope and all recipient records of id, or
 // ErrNotFound.
 func (s *Store) Load(id ID) (*Message, error) {
+	m, _, err := s.LoadWithBody(id, -1)
+	return m, err
+}
+
+// LoadWithBody is Load, and also returns the decompressed body when the
+// message's size (Message.Size) is at most maxBody (nil otherwise, or
+// when maxBody < 0). The body is read in the same pass over the message's
+// records: for mail read back from the sstables (a backlog), that saves
+// Body's second walk through the levels.
+func (s *Store) LoadWithBody(id ID, maxBody int64) (*Message, []byte, error) {
 	if !s.enter() {
-		return nil, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	defer s.exit()
 	// Under the ID's lock, so that the records it reads and puts in the
@@ -392,30 +402,41 @@ func (s *Store) Load(id ID) (*Message, error) {
 		UpperBound: msgKey(hi[:0], id, suffixEnd),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("spool: load %s: %w", id, err)
+		return nil, nil, fmt.Errorf("spool: load %s: %w", id, err)
 	}
 	defer it.Close()
 	if !it.First() || it.Key()[msgPrefixLen] != suffixEnv {
 		if err := it.Error(); err != nil {
-			return nil, fmt.Errorf("spool: load %s: %w", id, err)
+			return nil, nil, fmt.Errorf("spool: load %s: %w", id, err)
 		}
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+		return nil, nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	v, err := it.ValueAndErr()
 	if err != nil {
-		return nil, fmt.Errorf("spool: load %s: %w", id, err)
+		return nil, nil, fmt.Errorf("spool: load %s: %w", id, err)
 	}
 	m, n, err := decodeEnvelope(v)
 	if err == nil && m.ID != id {
 		err = fmt.Errorf("%w: envelope of %s holds id %s", ErrCorrupt, id, m.ID)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("spool: load %s: %w", id, err)
+		return nil, nil, fmt.Errorf("spool: load %s: %w", id, err)
+	}
+	var body []byte
+	if maxBody >= 0 && m.Size <= maxBody && it.Next() && it.Key()[msgPrefixLen] == suffixBody &&
+		bytes.Equal(it.Key()[:msgPrefixLen], lo[:msgPrefixLen]) {
+		v, err := it.ValueAndErr()
+		if err == nil {
+			body, err = s.codec.decodeBody(v)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("spool: body %s: %w", id, err)
+		}
 	}
 	m.Rcpts = make([]Recipient, 0, min(n, 1024))
 	m.Rcpts, err = s.scanRcpts(it, id, m.Rcpts)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// The Update recording this message's delivery then finds its
 	// records in the cache instead of reading them back (in the drain of
@@ -424,7 +445,7 @@ func (s *Store) Load(id ID) (*Message, error) {
 	// messages: no faster on a spool much larger than the block cache
 	// (41 vs 36-41 µs per cold Load).
 	s.rcache.put(id, slices.Clone(m.Rcpts), s.clock())
-	return m, nil
+	return m, body, nil
 }
 
 // readRcpts returns the recipient records of id (empty if none).
