@@ -35,6 +35,11 @@ func PostfixScript() []byte { return slices.Clone(postfixScript) }
 // raised. Start stops a running Postfix, purges its queue, configures and
 // starts it; Stop stops it and purges the queue again. Needs root.
 //
+// When the scenario's sink offers STARTTLS, Postfix's client requires it
+// and verifies the sink's certificate against the run's CA, reusing its
+// TLS connections (see clientTLS); when the load uses STARTTLS, smtpd
+// offers it with a self-signed certificate.
+//
 // CPU time is that of Postfix's master process and all its children
 // (exited ones included, through the master's child time); memory is the
 // sum of their resident sizes, sampled. Postfix has no metrics for fsyncs:
@@ -149,6 +154,9 @@ func (p *PostfixTarget) Start(ctx context.Context, env TargetEnv) ([]string, err
 		extra = append(extra, "SMTP_TLS=encrypt")
 	}
 	if _, err := p.sh(ctx, p.timeout(), extra, "configure", host, port, tfile); err != nil {
+		return nil, err
+	}
+	if err := p.clientTLS(ctx, env, routes); err != nil {
 		return nil, err
 	}
 	if _, err := p.sh(ctx, p.timeout(), nil, "start"); err != nil {

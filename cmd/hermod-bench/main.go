@@ -5,6 +5,7 @@
 //
 //	hermod-bench run SCENARIO [flags]       start DNS, sink and hermod (or --target), run, report
 //	hermod-bench compare SCENARIO --peer P  hermod vs postfix or direct, alternated, with ratios
+//	hermod-bench latency-curve [SCENARIO]   open-loop latency at fractions of hermod's maximum rate
 //	hermod-bench scenarios                  list the built-in scenarios
 //	hermod-bench sink [flags]               SMTP sink MX with fault injection and a JSON endpoint
 //	hermod-bench dns  [flags]               authoritative DNS for d0001.test… pointing at the sink
@@ -43,6 +44,7 @@ const usage = `usage: hermod-bench <command> [flags]
 commands:
   run        run a scenario against hermod (or --target host:port) and report
   compare    run a scenario against hermod and a peer (--peer postfix|direct), alternated, with ratios
+  latency-curve  measure hermod's maximum rate, then open-loop latency at 50% and 90% of it
   scenarios  list the built-in scenarios
   sink       run an SMTP sink MX (fault injection, checksums, /stats JSON) until interrupted
   dns        run an authoritative DNS server for the test domains until interrupted
@@ -71,6 +73,8 @@ func main() {
 		err = cmdRun(ctx, os.Args[2:], os.Stdout, os.Stderr)
 	case "compare":
 		err = cmdCompare(ctx, os.Args[2:], os.Stdout, os.Stderr)
+	case "latency-curve":
+		err = cmdLatencyCurve(ctx, os.Args[2:], os.Stdout, os.Stderr)
 	case "scenarios":
 		err = cmdScenarios(os.Args[2:], os.Stdout, os.Stderr)
 	case "version", "-version", "--version":

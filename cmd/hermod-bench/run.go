@@ -131,6 +131,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	target := fs.String("target", "", "SMTP address of an MTA already running (host:port) instead of starting hermod")
 	targetPID := fs.Int("target-pid", 0, "with --target: process whose CPU and memory (with its children) are measured")
 	targetHTTP := fs.String("target-http", "", "with --target: its hermod-style HTTP address (/healthz, /metrics)")
+	rate := fs.Float64("rate", 0, "open loop at this many msg/s instead of the scenario's load (messages = rate × --for)")
+	rateFor := fs.Duration("for", time.Minute, "with --rate: how long the open loop sends for")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -138,6 +140,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	sc, err := scenarioArg("run", pos)
 	if err != nil {
 		return err
+	}
+	if sc, err = openLoopFlags(fs, sc, *rate, *rateFor); err != nil {
+		return fmt.Errorf("run: %w", err)
 	}
 	cfg := f.runConfig(sc, stderr)
 	if *target != "" {
