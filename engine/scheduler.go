@@ -122,6 +122,8 @@ type Scheduler struct {
 	// scanSlices counts the slices the current scan yielded since the
 	// last tick (scanSlicesPerTick).
 	scanSlices int
+	// scanBudget is scanBudget (tests lower it to split passes).
+	scanBudget int
 	// During a scan: the cursor before the entry being examined.
 	inScan     bool
 	scanPrevT  time.Time
@@ -248,17 +250,18 @@ func NewScheduler(cfg DeliveryConfig, opt SchedulerOptions) (*Scheduler, error) 
 		cfg.TLSConfig = tc
 	}
 	s := &Scheduler{
-		cfg:    cfg,
-		opt:    opt,
-		st:     opt.Store,
-		log:    opt.Logger,
-		now:    opt.Now,
-		rand:   rand.New(rand.NewPCG(opt.Seed, 1)),
-		events: make(chan event, 4096),
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
-		active: make(map[spool.ID]*entry),
-		dests:  make(map[string]*dest),
+		cfg:        cfg,
+		opt:        opt,
+		scanBudget: scanBudget,
+		st:         opt.Store,
+		log:        opt.Logger,
+		now:        opt.Now,
+		rand:       rand.New(rand.NewPCG(opt.Seed, 1)),
+		events:     make(chan event, 4096),
+		stop:       make(chan struct{}),
+		done:       make(chan struct{}),
+		active:     make(map[spool.ID]*entry),
+		dests:      make(map[string]*dest),
 	}
 	s.m.latency = newLatencyHistogram()
 	s.spawn = func(a *agent, jobs []*job) {
@@ -851,7 +854,7 @@ func (s *Scheduler) scan(now time.Time) {
 	s.inScan = true
 	defer func() { s.inScan = false }()
 	err := s.st.DueAfterHint(s.cursorT, s.cursorID, now, func(id spool.ID, due time.Time, hint []byte) bool {
-		if len(s.active) >= s.cfg.ActiveLimit || examined >= scanBudget {
+		if len(s.active) >= s.cfg.ActiveLimit || examined >= s.scanBudget {
 			finished = false
 			return false
 		}

@@ -56,6 +56,7 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	cfg.ScanInterval = time.Second
 	var outside *staticLimits
 	replicate := false
+	scanBudgetOverride := 0
 	for _, a := range args {
 		v := a.Vals[0]
 		n, _ := strconv.Atoi(v)
@@ -86,6 +87,8 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 			}
 		case "replicate":
 			replicate = true
+		case "scan_budget":
+			scanBudgetOverride = n
 		case "outside_conns", "outside_rate":
 			// domain:value — a fixed outside limit (cluster share).
 			if outside == nil {
@@ -137,6 +140,9 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 		name := fmt.Sprintf("c%d", h.nconn)
 		h.agents[name] = &fakeAgent{name: name, a: a, jobs: jobs}
 		h.order = append(h.order, name)
+	}
+	if scanBudgetOverride > 0 {
+		s.scanBudget = scanBudgetOverride
 	}
 	h.s = s
 	return h
