@@ -839,10 +839,12 @@ const (
 	scanTime  = 40 * time.Millisecond
 	scanYield = time.Millisecond
 	// scanSlicesPerTick bounds the yielded slices a scan takes between
-	// ticks: with events always waiting (a busy drain) the loop then
-	// alternates ~1 ms of scanning with a round of events, for at most
-	// this many slices per tick.
-	scanSlicesPerTick = 40
+	// ticks: with events always waiting (a busy drain) the loop
+	// alternates ~1 ms of scanning with a round of events. 40 left the
+	// loop half idle in a drain (200k backlog: 4.7-5.5k msg/s against
+	// 5.7k with 1000, alternated on a busy machine); the bound only
+	// stops a pathological scan from running for ever without a tick.
+	scanSlicesPerTick = 1000
 )
 
 // scan loads due messages from the spool's due index into the active set,
