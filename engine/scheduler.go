@@ -124,6 +124,9 @@ type Scheduler struct {
 	scanSlices int
 	// scanBudget is scanBudget (tests lower it to split passes).
 	scanBudget int
+	// refusedRun counts the consecutive due entries the scan stepped
+	// over for full destinations (refusedRunMax).
+	refusedRun int
 	// During a scan: the cursor before the entry being examined.
 	inScan     bool
 	scanPrevT  time.Time
@@ -845,6 +848,9 @@ const (
 	// 5.7k with 1000, alternated on a busy machine); the bound only
 	// stops a pathological scan from running for ever without a tick.
 	scanSlicesPerTick = 1000
+	// refusedRunMax consecutive entries for full destinations end a
+	// scan's slice and its yielded slices until the next tick.
+	refusedRunMax = 4096
 )
 
 // scan loads due messages from the spool's due index into the active set,
@@ -871,10 +877,23 @@ func (s *Scheduler) scan(now time.Time) {
 				return false
 			}
 		}
+		if s.refusedRun >= refusedRunMax {
+			// A long run of mail for full destinations: go on at one
+			// slice per tick (other destinations' mail further on is
+			// still found) instead of spending the loop's spare time
+			// stepping over a backlog the drain will come back for.
+			s.refusedRun = 0
+			finished = false
+			return false
+		}
 		examined++
 		s.scanPrevT, s.scanPrevID = s.cursorT, s.cursorID
 		s.cursorT, s.cursorID = due, id
-		if s.active[id] != nil || s.refusedAll(hint) {
+		if s.active[id] != nil {
+			return true
+		}
+		if s.refusedAll(hint) {
+			s.refusedRun++
 			return true
 		}
 		// The body comes in the same read when the body cache has room
@@ -895,9 +914,11 @@ func (s *Scheduler) scan(now time.Time) {
 			body = nil
 		}
 		if s.admit(msg, now) {
+			s.refusedRun = 0
 			s.m.scanned.Add(1)
 			s.active[msg.ID].body = body
 		} else {
+			s.refusedRun++
 			s.uncache(body)
 		}
 		return true
