@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/hermod-mta/hermod/dnscache"
@@ -158,6 +159,12 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				continue
 			}
 		}
+		// Each record waits until its spool write is durable. The records
+		// of a batch run at once, so that their writes share one group
+		// commit (one fsync) instead of waiting for one each in turn; the
+		// random draws are made here, in the order sequential records
+		// would make them.
+		var wg sync.WaitGroup
 		for n, k := range live {
 			a.sent++
 			j := jobs[k]
@@ -171,10 +178,37 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				}
 				outs[r].class, outs[r].reply = classify(reply, errs[n])
 			}
+			if n < len(live)-1 {
+				draws := make(drawList, len(j.rcpts))
+				for r := range draws {
+					draws[r] = a.rand.Float64()
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					results[k] = s.recordWith(j, &draws, outs, false, &dvs[k])
+				}()
+				continue
+			}
 			results[k] = s.record(j, a, outs, false, &dvs[k])
 		}
+		wg.Wait()
 		return results
 	}
+}
+
+// jitterSource gives the random numbers of the retry jitter: the agent's
+// *rand.Rand, or a drawList.
+type jitterSource interface{ Float64() float64 }
+
+// drawList yields numbers drawn beforehand, in order.
+type drawList []float64
+
+// Float64 returns the next number.
+func (d *drawList) Float64() float64 {
+	v := (*d)[0]
+	*d = (*d)[1:]
+	return v
 }
 
 // envBox holds an envelope and, for the usual single recipient, its
@@ -257,8 +291,15 @@ func (s *Scheduler) connect(a *agent, j *job, dv *delivery) (*smtperr.Error, boo
 }
 
 // record writes the outcome of every recipient of j to the spool (bounce
-// first, then the recipient records), then logs it.
+// first, then the recipient records), then logs it. It draws the retry
+// jitter from a's random source.
 func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, dv *delivery) *attemptResult {
+	return s.recordWith(j, a.rand, outs, destFail, dv)
+}
+
+// recordWith is record with the jitter drawn from rnd, once per recipient
+// in order. It is safe to run for several jobs at once.
+func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, destFail bool, dv *delivery) *attemptResult {
 	now := s.now()
 	msg := j.e.msg
 	res := &attemptResult{destFail: destFail}
@@ -279,7 +320,7 @@ func (s *Scheduler) record(j *job, a *agent, outs []rcptOutcome, destFail bool, 
 			// it once.
 			lastReply, lastText = reply, reply.Error()
 		}
-		nr, class, expired := transition(&s.cfg, msg, r, outs[k].class, lastText, now, a.rand.Float64())
+		nr, class, expired := transition(&s.cfg, msg, r, outs[k].class, lastText, now, rnd.Float64())
 		updates[k] = nr
 		msg.Rcpts[i] = nr
 		switch {
