@@ -468,7 +468,11 @@ func (s *Scheduler) handle(ev event) {
 func (s *Scheduler) admit(msg *spool.Message, now time.Time) bool {
 	byDomain := map[string][]int{}
 	var order []string
+	var due time.Time // the message's due entry: its earliest pending attempt
 	for i, r := range msg.Rcpts {
+		if r.State == spool.Pending && (due.IsZero() || r.NextAttempt.Before(due)) {
+			due = r.NextAttempt
+		}
 		if r.State != spool.Pending || r.NextAttempt.After(now) {
 			continue
 		}
@@ -483,7 +487,7 @@ func (s *Scheduler) admit(msg *spool.Message, now time.Time) bool {
 	for _, dom := range order {
 		if d := s.dests[dom]; d != nil && len(d.ready) >= s.cfg.DestinationQueueLimit {
 			s.m.destFull.Add(1)
-			s.markRefused(d)
+			s.markRefused(d, due)
 			return false
 		}
 	}
@@ -530,23 +534,38 @@ func (s *Scheduler) refusedAll(hint []byte) bool {
 		if d == nil || len(d.ready) < s.cfg.DestinationQueueLimit {
 			return false
 		}
-		s.markRefused(d) // full: rescan when it drains (pop)
+		s.markRefused(d, time.Time{}) // full: rescan when it drains (pop)
 	}
 	s.m.destFull.Add(1)
 	return true
 }
 
 // markRefused records that mail for d was left in the spool, and where
-// the scan was (the start, outside a scan).
-func (s *Scheduler) markRefused(d *dest) {
+// the scan is to resume for it: in a scan, just before the entry being
+// examined; outside (the hot path), just before due, the refused
+// message's due time (the start of the index when unknown).
+func (s *Scheduler) markRefused(d *dest, due time.Time) {
 	if d.refused {
 		return
 	}
 	d.refused = true
-	d.refusedT, d.refusedID = time.Time{}, spool.ID{}
-	if s.inScan {
+	switch {
+	case s.inScan:
 		d.refusedT, d.refusedID = s.scanPrevT, s.scanPrevID
+	case !due.IsZero():
+		d.refusedT, d.refusedID = due.Add(-time.Nanosecond), maxID()
+	default:
+		d.refusedT, d.refusedID = time.Time{}, spool.ID{}
 	}
+}
+
+// maxID sorts after every queue ID: a cursor (t, maxID()) resumes at the
+// first entry due after t.
+func maxID() (id spool.ID) {
+	for i := range id {
+		id[i] = 0xff
+	}
+	return id
 }
 
 func (s *Scheduler) dest(name string) *dest {
