@@ -435,3 +435,18 @@ func benchServer(b *testing.B, useTLS bool) {
 		d.expect("250")
 	}
 }
+
+func TestServerEventLoops(t *testing.T) {
+	for _, tc := range []struct{ n, procs, want int }{
+		{0, 1, 1},
+		{0, 2, 1},
+		{0, 3, 1},
+		{0, 8, 4},
+		{3, 2, 3}, // set explicitly: as configured
+		{1, 64, 1},
+	} {
+		if got := eventLoops(tc.n, tc.procs); got != tc.want {
+			t.Errorf("eventLoops(%d, %d) = %d, want %d", tc.n, tc.procs, got, tc.want)
+		}
+	}
+}
