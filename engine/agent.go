@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -161,10 +162,11 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 		}
 		// Each record waits until its spool write is durable. The records
 		// of a batch run at once, so that their writes share one group
-		// commit (one fsync) instead of waiting for one each in turn; the
-		// random draws are made here, in the order sequential records
-		// would make them.
-		var wg sync.WaitGroup
+		// commit (one fsync) instead of waiting for one each in turn: all
+		// but the last on goroutines, with the random draws made here in
+		// the order sequential records would make them. (A batch of one,
+		// the usual case, allocates nothing for this.)
+		var pend []pendingRecord
 		for n, k := range live {
 			a.sent++
 			j := jobs[k]
@@ -183,18 +185,44 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				for r := range draws {
 					draws[r] = a.rand.Float64()
 				}
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					results[k] = s.recordWith(j, &draws, outs, false, &dvs[k])
-				}()
+				pend = append(pend, pendingRecord{k: k, j: j, outs: slices.Clone(outs), dv: dvs[k], draws: draws})
 				continue
 			}
+			var wg *sync.WaitGroup
+			if len(pend) > 0 {
+				wg = s.recordOn(pend, results)
+			}
 			results[k] = s.record(j, a, outs, false, &dvs[k])
+			if wg != nil {
+				wg.Wait()
+			}
 		}
-		wg.Wait()
 		return results
 	}
+}
+
+// pendingRecord is a record of a batch to run on its own goroutine.
+type pendingRecord struct {
+	k     int // index of the job (and its result)
+	j     *job
+	outs  []rcptOutcome
+	dv    delivery
+	draws drawList
+}
+
+// recordOn runs the records of recs on goroutines, each storing its result
+// in results; the returned group is done when they all are.
+func (s *Scheduler) recordOn(recs []pendingRecord, results []*attemptResult) *sync.WaitGroup {
+	var wg sync.WaitGroup
+	for i := range recs {
+		r := &recs[i]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[r.k] = s.recordWith(r.j, &r.draws, r.outs, false, &r.dv)
+		}()
+	}
+	return &wg
 }
 
 // jitterSource gives the random numbers of the retry jitter: the agent's
