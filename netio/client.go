@@ -35,7 +35,10 @@
 //
 // Timeouts are those of RFC 5321 §4.5.3.2, set as socket deadlines before
 // each read and each write; cancelling the context of a call closes the
-// connection, which ends any blocked read or write at once.
+// connection, which ends any blocked read or write at once. Every write of
+// a transaction is bounded by DataBlockTimeout, so that the socket's write
+// deadline (a runtime timer) is not moved back and forth between the
+// envelope and the message of every transaction.
 
 package netio
 
@@ -166,7 +169,9 @@ type ClientConfig struct {
 	// (§4.5.3.2.4). Default: 2m.
 	DataInitTimeout time.Duration `toml:"data_init_timeout"`
 
-	// DataBlockTimeout bounds each write of message data (§4.5.3.2.5).
+	// DataBlockTimeout bounds each write of a transaction, its commands
+	// as well as its message data (§4.5.3.2.5, the RFC's one timeout for
+	// sending; the other timeouts bound the waits for replies).
 	// Default: 3m.
 	DataBlockTimeout time.Duration `toml:"data_block_timeout"`
 

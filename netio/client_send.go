@@ -142,7 +142,7 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 	res := newSendResult(env)
 	start := time.Now()
 	pipe := c.exts&clientExtPipelining != 0
-	c.wtimeout = c.cfg.MailTimeout
+	c.wtimeout = c.cfg.DataBlockTimeout
 
 	reset := c.needReset
 	c.needReset = false
@@ -156,7 +156,7 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 		return c.sendChunked(res, env, body, size, utf8, reset, start)
 	}
 	c.writeEnvelope(env, size, utf8, reset)
-	if err := c.flush(c.cfg.MailTimeout); err != nil {
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 		return res, c.ioError("MAIL", err)
 	}
 	data, err := c.readEnvelope(res, env, reset)
@@ -300,7 +300,7 @@ func (c *ClientConn) readDataEnd(res *SendResult, data clientData, t354 time.Tim
 func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []byte, size int64, utf8, reset bool, start time.Time) (*SendResult, error) {
 	if reset {
 		c.bw.WriteString("RSET\r\n")
-		if err := c.flush(c.cfg.MailTimeout); err != nil {
+		if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 			return res, c.ioError("RSET", err)
 		}
 		if err := c.readReset(); err != nil {
@@ -308,7 +308,7 @@ func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []b
 		}
 	}
 	c.writeMail(env, size, utf8)
-	if err := c.flush(c.cfg.MailTimeout); err != nil {
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 		return res, c.ioError("MAIL", err)
 	}
 	mail, err := c.reply(c.cfg.MailTimeout, clientStepMail)
@@ -327,7 +327,7 @@ func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []b
 	for i := range env.Rcpts {
 		if c.closing == nil {
 			c.writeRcpt(env, i)
-			if err := c.flush(c.cfg.RcptTimeout); err != nil {
+			if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 				return res, c.ioError("RCPT", err)
 			}
 		}
@@ -347,7 +347,7 @@ func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []b
 	}
 	if c.closing == nil {
 		c.bw.WriteString("DATA\r\n")
-		if err := c.flush(c.cfg.DataInitTimeout); err != nil {
+		if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 			return res, c.ioError("DATA", err)
 		}
 	}
@@ -559,9 +559,9 @@ func (c *ClientConn) sendBatchData(envs []*ClientEnvelope, bodies [][]byte, resu
 	first := &sent[0]
 	first.reset = c.needReset
 	c.needReset = false
-	c.wtimeout = c.cfg.MailTimeout
+	c.wtimeout = c.cfg.DataBlockTimeout
 	c.writeEnvelope(envs[first.i], first.size, first.utf8, first.reset)
-	if err := c.flush(c.cfg.MailTimeout); err != nil {
+	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 		failed = c.ioError("MAIL", err)
 	}
 	for k, p := range sent {
@@ -578,10 +578,10 @@ func (c *ClientConn) sendBatchData(envs []*ClientEnvelope, bodies [][]byte, resu
 		}
 		t354 := time.Now()
 		res.Timing.Envelope = t354.Sub(start)
-		timeout, step := c.cfg.MailTimeout, "MAIL"
+		step := "MAIL"
 		if data != clientDataNone {
 			c.writeData(data, bodies[p.i])
-			timeout, step = c.cfg.DataBlockTimeout, "DATA body"
+			step = "DATA body"
 		}
 		// The next envelope goes behind, unless the server is closing the
 		// connection (a 421 to DATA).
@@ -594,7 +594,7 @@ func (c *ClientConn) sendBatchData(envs []*ClientEnvelope, bodies [][]byte, resu
 			c.writeEnvelope(envs[next.i], next.size, next.utf8, next.reset)
 		}
 		if c.bw.Buffered() > 0 {
-			if err := c.flush(timeout); err != nil {
+			if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 				failed = c.ioError(step, err)
 				errs[p.i] = failed
 				continue
