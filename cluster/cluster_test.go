@@ -134,6 +134,16 @@ func accept(t *testing.T, n *testNode, rcpts ...string) *spool.Message {
 	return msg
 }
 
+// waitCopy waits until holder's replica store has id (and check, when
+// not nil, holds for the copy).
+func waitCopy(t *testing.T, holder *testNode, id spool.ID, check func(*spool.Message) bool) {
+	t.Helper()
+	waitFor(t, "copy of "+id.String()+" on "+holder.name, 10*time.Second, func() bool {
+		cp, err := holder.svc.replicas.Load(id)
+		return err == nil && (check == nil || check(cp))
+	})
+}
+
 func TestReplicationTakeoverReconcile(t *testing.T) {
 	hosts := []string{"127.0.0.1", "127.0.0.1", "127.0.0.1"}
 	var binds []string
@@ -156,9 +166,7 @@ func TestReplicationTakeoverReconcile(t *testing.T) {
 		t.Fatalf("peers = %q", m1.Peers)
 	}
 	holder := map[string]*testNode{"b": b, "c": c}[m1.Peers[1]]
-	if _, err := holder.svc.replicas.Load(m1.ID); err != nil {
-		t.Fatalf("copy on %s: %v", holder.name, err)
-	}
+	waitCopy(t, holder, m1.ID, nil)
 	up := []spool.Recipient{{Index: 0, State: spool.Delivered, Attempts: 1, LastReply: "250 ok"}}
 	removed, err := a.store.Update(m1.ID, up)
 	if err != nil || !removed {
@@ -180,7 +188,18 @@ func TestReplicationTakeoverReconcile(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.svc.Recorded(msgs[0], up, false)
-	time.Sleep(200 * time.Millisecond)
+	// Every copy is stored and the outcome reached its holder before a
+	// dies (on a loaded machine a copy can outlast the replication
+	// timeout, which accepts with fewer copies, and the outcome travels in
+	// a batch; losing either is a documented window, not what this tests).
+	peers := map[string]*testNode{"b": b, "c": c}
+	for i, m := range msgs {
+		var check func(*spool.Message) bool
+		if i == 0 {
+			check = func(cp *spool.Message) bool { return cp.Rcpts[0].State == spool.Delivered }
+		}
+		waitCopy(t, peers[m.Peers[1]], m.ID, check)
+	}
 	a.kill()
 
 	// Every message is now queued on exactly one survivor, the recipient
@@ -188,6 +207,16 @@ func TestReplicationTakeoverReconcile(t *testing.T) {
 	// the other survivor (replicas = 1).
 	waitFor(t, "takeover", 15*time.Second, func() bool {
 		return b.store.Stats().Messages+c.store.Stats().Messages == 20
+	})
+	// The taker commits a message, then records its finished recipients
+	// (Commit makes every recipient pending): wait for that second write.
+	waitFor(t, "finished recipient recorded by the taker", 5*time.Second, func() bool {
+		for _, n := range []*testNode{b, c} {
+			if got, err := n.store.Load(msgs[0].ID); err == nil && got.Rcpts[0].State == spool.Delivered {
+				return true
+			}
+		}
+		return false
 	})
 	byName := map[string]*testNode{"b": b, "c": c}
 	for _, m := range msgs {
