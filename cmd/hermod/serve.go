@@ -397,6 +397,10 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
+		// Backoffs end before the mail is made due, and again after:
+		// a scan between the two would otherwise suspend it until the old
+		// backoff's end without trying it.
+		d.sched.Flush()
 		n := 0
 		for _, id := range ids {
 			if err := d.store.Reschedule(id, now); err == nil {
@@ -412,6 +416,7 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
+		d.sched.Flush() // as above: end backoffs before the message is due
 		if err := d.store.Reschedule(id, time.Now()); errors.Is(err, spool.ErrNotFound) {
 			http.Error(w, "no such message", http.StatusNotFound)
 			return
