@@ -64,8 +64,9 @@ type ServerConfig struct {
 	// 421 4.7.0 and closes the connection. Default: 20.
 	MaxErrors int `toml:"max_errors"`
 
-	// EventLoops is the number of gnet event loops. 0 means one per CPU.
-	// Default: 0.
+	// EventLoops is the number of gnet event loops. 0 means half of
+	// GOMAXPROCS, at least one (a loop blocked in epoll_wait holds its
+	// processor until sysmon takes it back). Default: 0.
 	EventLoops int `toml:"event_loops"`
 }
 
