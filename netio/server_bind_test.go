@@ -44,15 +44,7 @@ func TestServeBusyAddress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- s.Serve() }()
-	select {
-	case <-s.Ready():
-	case err := <-errc:
-		t.Fatalf("serve after the address was freed: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("server did not start")
-	}
+	errc := serveReady(t, s)
 	for _, a := range cfg.Listen {
 		c, err := net.DialTimeout("tcp", a, 2*time.Second)
 		if err != nil {

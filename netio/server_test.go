@@ -71,6 +71,20 @@ func startServer(t testing.TB, cfg ServerConfig, b Backend, tlsCfg *tls.Config) 
 	if err != nil {
 		t.Fatal(err)
 	}
+	errc := serveReady(t, s)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = s.Shutdown(ctx)
+		<-errc
+	})
+	return s, addr
+}
+
+// serveReady runs s.Serve and waits until it accepts (fatal if it fails or
+// takes over 10 s); the channel then gets Serve's result.
+func serveReady(t testing.TB, s *Server) <-chan error {
+	t.Helper()
 	errc := make(chan error, 1)
 	go func() { errc <- s.Serve() }()
 	select {
@@ -80,13 +94,7 @@ func startServer(t testing.TB, cfg ServerConfig, b Backend, tlsCfg *tls.Config) 
 	case <-time.After(10 * time.Second):
 		t.Fatal("server did not start")
 	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = s.Shutdown(ctx)
-		<-errc
-	})
-	return s, addr
+	return errc
 }
 
 func selfSigned(t testing.TB) *tls.Config {
