@@ -246,6 +246,13 @@ func (d *daemonState) run(cfg Config) error {
 		}
 		break
 	}
+	// Signals are caught before the daemon says it is ready: a SIGHUP
+	// sent as soon as /healthz answers (or systemd's READY=1) must reload,
+	// not kill the process (or vanish, when started with SIGHUP ignored,
+	// as under nohup).
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	d.healthy.Store(true)
 	if d.confDist != nil {
 		d.confDist.Start()
@@ -256,9 +263,6 @@ func (d *daemonState) run(cfg Config) error {
 	stopWatchdog := startWatchdog()
 	defer stopWatchdog()
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 	for {
 		select {
 		case sig := <-sigs:
