@@ -52,7 +52,8 @@ tls = "disabled"
 retry = ["1s"]
 connect_timeout = "2s"
 scan_interval = "200ms"
-`, dnsSrv.Addr(), port))
+pipeline_transactions = %d
+`, dnsSrv.Addr(), port, crashPipeline))
 	d.start()
 
 	ledger := bench.NewLedger()
@@ -87,12 +88,13 @@ scan_interval = "200ms"
 	case <-time.After(60 * time.Second):
 		t.Fatalf("load never reached 1500 accepted messages (%d)", accepted.Load())
 	}
+	openAtKill := sink.Stats().Active
 	d.kill(syscall.SIGKILL)
 	atKill := sink.Stats()
 	res := <-loadDone // the load stops on its own: sessions fail fast against the dead daemon
 	msgs, pairs := ledger.Len()
-	t.Logf("load: %d messages accepted (%d pairs) before the kill; sink had %d messages then; load result %+v",
-		msgs, pairs, atKill.Messages, res.Accepted)
+	t.Logf("load: %d messages accepted (%d pairs) before the kill; sink had %d messages and %d connections then; load result %+v",
+		msgs, pairs, atKill.Messages, openAtKill, res.Accepted)
 
 	d.start()
 	deadline := time.Now().Add(60 * time.Second)
@@ -113,13 +115,19 @@ scan_interval = "200ms"
 		t.Fatalf("%d corrupted messages", st.Corrupted)
 	}
 	// Duplicates are allowed (at least once) but bounded by what was in
-	// flight: at most the connections open at the kill times the
-	// recipients per message, far below the load.
-	if acct.Duplicates > 20*2*2 {
-		t.Errorf("%d duplicate deliveries: more than in flight at the kill", acct.Duplicates)
+	// flight: a connection's batch is recorded after its last reply, so
+	// at most the connections open at the kill times the transactions of
+	// a batch times the recipients per message — far below the load.
+	if bound := max(openAtKill, 1) * crashPipeline * 2; acct.Duplicates > uint64(bound) {
+		t.Errorf("%d duplicate deliveries: more than in flight at the kill (%d connections × %d transactions × 2 recipients = %d)",
+			acct.Duplicates, openAtKill, crashPipeline, bound)
 	}
 	fmt.Printf("crash test: accepted %d messages / %d pairs before SIGKILL, lost %d, duplicates %d\n", msgs, pairs, acct.Lost, acct.Duplicates)
 }
+
+// crashPipeline is the crash test's pipeline_transactions: the most
+// transactions a connection has in flight, which bounds the duplicates.
+const crashPipeline = 4
 
 func mustDelay(t *testing.T, s string) bench.DelayDist {
 	t.Helper()
