@@ -15,7 +15,10 @@
 #       and concurrency limits are raised so that Postfix is not throttled.
 #       Env: SMTPD_TLS_CERT/SMTPD_TLS_KEY (PEM files) offer STARTTLS to the
 #       load; SMTP_TLS=encrypt makes Postfix use STARTTLS to the sink
-#       (unverified), SMTP_TLS=none (default) never.
+#       (the script itself does not verify the certificate; hermod-bench
+#       then sets a policy map that verifies it against the run's CA and
+#       enables TLS connection reuse: bench/peer_tls.go), SMTP_TLS=none
+#       (default) never.
 #   postfix.sh start | stop | flush | purge | queue
 #       start/stop Postfix; flush the deferred queue now (postqueue -f);
 #       delete every queued message; count queued messages.
