@@ -110,15 +110,7 @@ func TestE2ECluster(t *testing.T) {
 		if err := mkdir(dir); err != nil {
 			t.Fatal(err)
 		}
-		nodes[i] = writeConfig(t, dir, "max_connections_per_ip = 500", fmt.Sprintf(`[dns]
-resolvers = [%q]
-[delivery]
-port = %d
-tls = "disabled"
-retry = ["1s"]
-connect_timeout = "2s"
-scan_interval = "200ms"
-max_connections_per_domain = 20
+		nodes[i] = writeConfig(t, dir, "max_connections_per_ip = 500", fastDelivery(dnsSrv.Addr(), port)+fmt.Sprintf(`max_connections_per_domain = 20
 [cluster]
 bind = %q
 join = [%q, %q]
@@ -127,7 +119,7 @@ probe_interval = "100ms"
 reconcile_timeout = "5s"
 count_interval = "100ms"
 domain_limits = { %q = %d }
-`, dnsSrv.Addr(), port, gossip[i], gossip[(i+1)%3], gossip[(i+2)%3], name, bench.TestDomain(1), limit))
+`, gossip[i], gossip[(i+1)%3], gossip[(i+2)%3], name, bench.TestDomain(1), limit))
 	}
 	for _, n := range nodes {
 		n.start()
@@ -241,18 +233,10 @@ domain_limits = { %q = %d }
 
 	// A master configuration pushed from one node reaches all three (it
 	// carries every shared key: what it leaves out takes its default).
-	master := fmt.Sprintf(`[smtp]
+	master := `[smtp]
 max_connections_per_ip = 500
 max_hops = 60
-[dns]
-resolvers = [%q]
-[delivery]
-port = %d
-tls = "disabled"
-retry = ["1s"]
-connect_timeout = "2s"
-scan_interval = "200ms"
-max_connections_per_domain = 20
+` + fastDelivery(dnsSrv.Addr(), port) + fmt.Sprintf(`max_connections_per_domain = 20
 [cluster]
 probe_interval = "100ms"
 reconcile_timeout = "5s"
@@ -262,7 +246,7 @@ domain_limits = { %q = %d }
 level = "debug"
 [node.n2.log]
 level = "info"
-`, dnsSrv.Addr(), port, bench.TestDomain(1), limit)
+`, bench.TestDomain(1), limit)
 	resp, err := http.Post("http://"+nodes[1].http+"/api/cluster/config", "application/toml", strings.NewReader(master))
 	if err != nil {
 		t.Fatal(err)

@@ -44,16 +44,8 @@ func TestE2ECrashUnderLoad(t *testing.T) {
 	defer sink.Close()
 
 	dir := t.TempDir()
-	d := writeConfig(t, dir, "max_connections_per_ip = 200", fmt.Sprintf(`[dns]
-resolvers = [%q]
-[delivery]
-port = %d
-tls = "disabled"
-retry = ["1s"]
-connect_timeout = "2s"
-scan_interval = "200ms"
-pipeline_transactions = %d
-`, dnsSrv.Addr(), port, crashPipeline))
+	d := writeConfig(t, dir, "max_connections_per_ip = 200", fastDelivery(dnsSrv.Addr(), port)+
+		fmt.Sprintf("pipeline_transactions = %d\n", crashPipeline))
 	d.start()
 
 	ledger := bench.NewLedger()

@@ -107,6 +107,22 @@ attempts = 1
 port = 9
 `
 
+// fastDelivery is the [dns] and [delivery] tables of the end-to-end tests
+// that deliver to a bench sink: resolver dnsAddr, sink port, plain SMTP,
+// retries after 1 s and scans every 200 ms. Tables or keys of [delivery]
+// may follow.
+func fastDelivery(dnsAddr string, port int) string {
+	return fmt.Sprintf(`[dns]
+resolvers = [%q]
+[delivery]
+port = %d
+tls = "disabled"
+retry = ["1s"]
+connect_timeout = "2s"
+scan_interval = "200ms"
+`, dnsAddr, port)
+}
+
 // writeConfig writes a configuration for a daemon in dir and returns it.
 // smtpExtra is added to the [smtp] table; tail (deadDNS when empty) ends
 // the file.
