@@ -423,8 +423,8 @@ func (s *Store) LoadWithBody(id ID, maxBody int64) (*Message, []byte, error) {
 		return nil, nil, fmt.Errorf("spool: load %s: %w", id, err)
 	}
 	var body []byte
-	if maxBody >= 0 && m.Size <= maxBody && it.Next() && it.Key()[msgPrefixLen] == suffixBody &&
-		bytes.Equal(it.Key()[:msgPrefixLen], lo[:msgPrefixLen]) {
+	// The iterator's bounds hold only id's keys: the next one is its body.
+	if maxBody >= 0 && m.Size <= maxBody && it.Next() && it.Key()[msgPrefixLen] == suffixBody {
 		v, err := it.ValueAndErr()
 		if err == nil {
 			body, err = s.codec.decodeBody(v)
