@@ -311,6 +311,25 @@ func startWatchdog() func() {
 	return func() { close(stop) }
 }
 
+// flushIDs makes the queued messages ids due now and returns how many it
+// rescheduled and the first error. Backoffs end before the mail is made
+// due, and again after: a scan between the two would otherwise find it
+// due while its destination is still backed off and suspend it until the
+// old backoff's end without trying it.
+func (d *daemonState) flushIDs(ids []spool.ID) (n int, firstErr error) {
+	d.sched.Flush()
+	defer d.sched.Flush()
+	now := time.Now()
+	for _, id := range ids {
+		if err := d.store.Reschedule(id, now); err == nil {
+			n++
+		} else if firstErr == nil {
+			firstErr = err
+		}
+	}
+	return n, firstErr
+}
+
 // reload re-reads the configuration file (SIGHUP). What can change live is
 // applied: log level, relay policy, TLS certificate. Other changes are
 // reported as needing a restart. An invalid file changes nothing.
@@ -395,23 +414,12 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 	})
 	// Queue operations: flush (everything due now) and delete.
 	mux.HandleFunc("POST /api/queue/flush", func(w http.ResponseWriter, r *http.Request) {
-		now := time.Now()
 		var ids []spool.ID
 		if err := d.store.Walk(func(m *spool.Message) bool { ids = append(ids, m.ID); return true }); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		// Backoffs end before the mail is made due, and again after:
-		// a scan between the two would otherwise suspend it until the old
-		// backoff's end without trying it.
-		d.sched.Flush()
-		n := 0
-		for _, id := range ids {
-			if err := d.store.Reschedule(id, now); err == nil {
-				n++
-			}
-		}
-		d.sched.Flush()
+		n, _ := d.flushIDs(ids)
 		writeJSON(w, map[string]int{"flushed": n})
 	})
 	mux.HandleFunc("POST /api/queue/{id}/flush", func(w http.ResponseWriter, r *http.Request) {
@@ -420,15 +428,13 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		d.sched.Flush() // as above: end backoffs before the message is due
-		if err := d.store.Reschedule(id, time.Now()); errors.Is(err, spool.ErrNotFound) {
+		if _, err := d.flushIDs([]spool.ID{id}); errors.Is(err, spool.ErrNotFound) {
 			http.Error(w, "no such message", http.StatusNotFound)
 			return
 		} else if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		d.sched.Flush()
 		writeJSON(w, map[string]int{"flushed": 1})
 	})
 	mux.HandleFunc("DELETE /api/queue/{id}", func(w http.ResponseWriter, r *http.Request) {
