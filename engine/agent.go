@@ -58,7 +58,8 @@ type delivery struct {
 
 // attempt runs the transactions of jobs (all to a.d) over one connection,
 // connecting first when needed, pipelined when the server allows, and
-// writes every recipient's outcome to the spool before returning.
+// writes every recipient's outcome to the spool before returning (durable
+// for bounces; see recordWith).
 func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 	start := s.now()
 	results := make([]*attemptResult, len(jobs))
@@ -160,9 +161,10 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				continue
 			}
 		}
-		// Each record waits until its spool write is durable. The records
-		// of a batch run at once, so that their writes share one group
-		// commit (one fsync) instead of waiting for one each in turn: all
+		// Each record waits until its spool write is done (durable, for a
+		// bounce). The records of a batch run at once, so that their
+		// writes share one group commit instead of waiting for one each in
+		// turn: all
 		// but the last on goroutines, with the random draws made here in
 		// the order sequential records would make them. (A batch of one,
 		// the usual case, allocates nothing for this.)
@@ -369,11 +371,17 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 		}
 		res.lastReply = lastText
 	}
+	// Deliveries and deferrals do not wait for their fsync: lost in a
+	// crash, they are only tried again (the next synced write, or the
+	// spool's lazy_sync_delay, makes them durable). A bounce waits: its
+	// notification must not be sent twice.
+	update := s.st.UpdateLazy
 	if len(failed) > 0 {
 		s.bounce(msg, j, updates, failed, dv, now)
+		update = s.st.Update
 	}
-	if removed, err := s.st.Update(msg.ID, updates); err != nil {
-		// The outcome is not durable: the recipients stay pending in the
+	if removed, err := update(msg.ID, updates); err != nil {
+		// The outcome is not written: the recipients stay pending in the
 		// spool and will be tried again (at least once, never lost).
 		s.log.Error("recording delivery outcome", "msg_id", msg.ID.String(), "err", err)
 	} else if s.opt.Recorded != nil {
@@ -430,10 +438,12 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 			expired = append(expired, k)
 		}
 	}
+	update := s.st.UpdateLazy // as in recordWith
 	if len(expired) > 0 {
 		s.bounce(msg, j, updates, expired, &delivery{}, now)
+		update = s.st.Update
 	}
-	if removed, err := s.st.Update(msg.ID, updates); err != nil {
+	if removed, err := update(msg.ID, updates); err != nil {
 		s.log.Error("recording suspension", "msg_id", msg.ID.String(), "err", err)
 	} else if s.opt.Recorded != nil {
 		s.opt.Recorded(msg, updates, removed)

@@ -11,5 +11,9 @@
 //
 // Invariants: nothing is acknowledged that is not durable; a spool failure
 // answers 451 4.3.0 (the client keeps the message); every state change of a
-// queued message is written to the spool before it is acted on.
+// queued message is written to the spool before it is acted on. A bounce's
+// outcome is durable before the scheduler moves on; a delivery's or a
+// deferral's is written without waiting for its fsync (spool.UpdateLazy),
+// so that a crash of the machine within the spool's lazy_sync_delay can
+// only make that mail be tried again, never lose it.
 package engine

@@ -3,7 +3,6 @@ package spool
 import (
 	"fmt"
 	"math"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,6 +22,9 @@ type writeReq struct {
 	done  func(error)
 	// centry is the commit's entry in the recipient cache, if any.
 	centry *rcacheEntry
+	// lazy: done runs once the write is in the WAL and the memtable,
+	// without waiting for its fsync (UpdateLazy).
+	lazy bool
 
 	finished atomic.Bool
 }
@@ -151,24 +153,83 @@ func (s *Store) commitGroup(w *worker, group []*writeReq) bool {
 		clear(reqs)
 		w.ok = reqs[:0]
 	}()
+	if allLazy(reqs) {
+		// Nothing here needs its fsync now: the next synced group covers
+		// it, or armLazySync's timer.
+		err := s.apply(b, applyNoSync)
+		s.lowerFloor(reqs)
+		if err == nil {
+			s.lazyGen.Add(1)
+			s.armLazySync()
+		}
+		s.complete(b, reqs, err)
+		return false
+	}
+	// This group's fsync covers every lazy group written before it.
+	s.coveredGen.Store(s.lazyGen.Load())
 	if s.waitApply {
-		err := s.apply(b, false)
+		err := s.apply(b, applySync)
 		s.lowerFloor(reqs)
 		s.complete(b, reqs, err)
 		return false
 	}
 	// Write the group to the WAL and the memtable without waiting for the
 	// fsync; the syncer waits for it, completes the group and opens the
-	// gate for the next one.
-	err := s.apply(b, true)
+	// gate for the next one. Lazy writes of the group are done now.
+	err := s.apply(b, applySyncNoWait)
 	s.lowerFloor(reqs)
 	if err != nil {
 		s.complete(b, reqs, err)
 		return false
 	}
-	s.syncQ <- syncItem{b: b, reqs: slices.Clone(reqs)}
+	synced := make([]*writeReq, 0, len(reqs))
+	for _, r := range reqs {
+		if r.lazy {
+			s.completeOne(r, nil)
+		} else {
+			synced = append(synced, r)
+		}
+	}
+	s.syncQ <- syncItem{b: b, reqs: synced}
 	return true
 }
+
+// allLazy reports whether every write of reqs is lazy.
+func allLazy(reqs []*writeReq) bool {
+	for _, r := range reqs {
+		if !r.lazy {
+			return false
+		}
+	}
+	return true
+}
+
+// armLazySync starts the timer that syncs lazy writes no synced group has
+// covered within Config.LazySyncDelay, unless it is running.
+func (s *Store) armLazySync() {
+	if s.lazyArmed.CompareAndSwap(false, true) {
+		s.lazyTimer.Reset(s.cfg.LazySyncDelay)
+	}
+}
+
+// lazySync runs when the lazy-sync timer fires: when lazy groups were
+// written since the last synced group, it queues a synced write of a
+// log-only record, whose fsync covers them (the WAL is written in order).
+func (s *Store) lazySync() {
+	s.lazyArmed.Store(false)
+	if s.coveredGen.Load() >= s.lazyGen.Load() || !s.enter() {
+		return
+	}
+	defer s.exit()
+	b := s.db.NewBatch()
+	_ = b.LogData(lazySyncMark, nil)
+	s.lazySyncs.Add(1)
+	s.enqueue(&writeReq{batch: b, due: noDue, done: func(error) {}})
+}
+
+// lazySyncMark is the log-only record of a sync made for lazy writes
+// (ignored when the WAL is replayed).
+var lazySyncMark = []byte("hermod-lazy-sync")
 
 // syncItem is a group written to the WAL whose fsync the syncer awaits.
 type syncItem struct {
@@ -237,27 +298,44 @@ func (s *Store) complete(b *pebble.Batch, reqs []*writeReq, err error) {
 		_ = b.Close()
 	}
 	for _, r := range reqs {
-		if err == nil {
-			s.messages.Add(r.delta)
-			if r.msg != nil {
-				s.commits.Add(1)
-			}
-		}
-		if r.centry != nil {
-			s.rcache.settle(r.msg.ID, r.centry, err == nil)
-		}
-		s.finish(r, err)
+		s.completeOne(r, err)
 	}
 }
 
-// apply writes b to the WAL and the memtable, with a WAL fsync: it waits
-// for the fsync unless noSyncWait, in which case the caller must call
-// b.SyncWait. Pebble treats a failed WAL write or sync as fatal: it calls
+// completeOne finishes one write of a committed group.
+func (s *Store) completeOne(r *writeReq, err error) {
+	if err == nil {
+		s.messages.Add(r.delta)
+		if r.msg != nil {
+			s.commits.Add(1)
+		}
+	}
+	if r.centry != nil {
+		s.rcache.settle(r.msg.ID, r.centry, err == nil)
+	}
+	s.finish(r, err)
+}
+
+// applyMode says whether apply syncs the WAL and waits for it.
+type applyMode uint8
+
+const (
+	// applySync: synced, apply waits for the fsync.
+	applySync applyMode = iota
+	// applySyncNoWait: synced; the caller waits with b.SyncWait.
+	applySyncNoWait
+	// applyNoSync: not synced (lazy writes; a later sync covers them).
+	applyNoSync
+)
+
+// apply writes b to the WAL and the memtable, synced or not as mode says.
+// Pebble treats a failed WAL write or sync as fatal: it calls
 // Logger.Fatalf (whose adapter panics) or panics itself, possibly with its
 // commit pipeline locked. Either way the panic is recovered here, the store
 // enters the failed state, and the error is returned: nothing is
-// acknowledged unless pebble reported a synced commit.
-func (s *Store) apply(b *pebble.Batch, noSyncWait bool) (err error) {
+// acknowledged unless pebble reported a synced commit (or, for a lazy write,
+// an applied one).
+func (s *Store) apply(b *pebble.Batch, mode applyMode) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			var cause error
@@ -275,10 +353,13 @@ func (s *Store) apply(b *pebble.Batch, noSyncWait bool) (err error) {
 			err = s.fail(fmt.Errorf("pebble commit: %w", cause))
 		}
 	}()
-	if noSyncWait {
+	switch mode {
+	case applySyncNoWait:
 		err = s.db.ApplyNoSyncWait(b, pebble.Sync)
-	} else {
+	case applySync:
 		err = b.Commit(pebble.Sync)
+	default:
+		err = b.Commit(pebble.NoSync)
 	}
 	if err != nil {
 		return fmt.Errorf("spool: commit: %w", err)
@@ -432,9 +513,10 @@ func (s *Store) enqueue(r *writeReq) {
 	}
 }
 
-// write commits b (synced, grouped) and waits for the result. due is the
-// due value of the due entry b Sets, or noDue.
-func (s *Store) write(b *pebble.Batch, delta, due int64) error {
+// write commits b (grouped) and waits for the result: for its fsync, or
+// only for the WAL and memtable write when lazy. due is the due value of
+// the due entry b Sets, or noDue.
+func (s *Store) write(b *pebble.Batch, delta, due int64, lazy bool) error {
 	w, _ := s.waiters.Get().(*waiter)
 	if w == nil {
 		ch := make(chan error, 1)
@@ -443,7 +525,7 @@ func (s *Store) write(b *pebble.Batch, delta, due int64) error {
 	// The request is new each time (it may be referenced by a worker for a
 	// moment after it completed); its done is called exactly once, so the
 	// channel is empty again when w goes back to the pool.
-	s.enqueue(&writeReq{batch: b, delta: delta, due: due, done: w.done})
+	s.enqueue(&writeReq{batch: b, delta: delta, due: due, done: w.done, lazy: lazy})
 	err := <-w.ch
 	s.waiters.Put(w)
 	return err
@@ -485,7 +567,22 @@ func earliestPending(rcpts []Recipient) (due int64, ok bool) {
 // Errors: ErrNotFound, ErrUnknownRecipient (nothing written), ErrClosed,
 // ErrFailed.
 func (s *Store) Update(id ID, updates []Recipient) (removed bool, err error) {
-	return s.modify(id, func(rcpts []Recipient) ([]int, error) {
+	return s.update(id, updates, false)
+}
+
+// UpdateLazy is Update without the wait for the fsync: it returns once the
+// write is in the WAL and the memtable (visible to reads), and the write
+// becomes durable with the next synced write, or at the latest
+// Config.LazySyncDelay later. It is for outcomes whose loss in a crash
+// only repeats work: a delivery (the mail is delivered again) or a
+// deferral (it is retried sooner), never for a write that must precede an
+// acknowledgement.
+func (s *Store) UpdateLazy(id ID, updates []Recipient) (removed bool, err error) {
+	return s.update(id, updates, true)
+}
+
+func (s *Store) update(id ID, updates []Recipient, lazy bool) (removed bool, err error) {
+	return s.modify(id, lazy, func(rcpts []Recipient) ([]int, error) {
 		changed := make([]int, 0, len(updates))
 		for _, u := range updates {
 			j := findRcpt(rcpts, u.Index)
@@ -508,7 +605,7 @@ func (s *Store) Update(id ID, updates []Recipient) (removed bool, err error) {
 // Reschedule sets NextAttempt = at for every pending recipient of id (the
 // admin "flush"), moving its due entry.
 func (s *Store) Reschedule(id ID, at time.Time) error {
-	_, err := s.modify(id, func(rcpts []Recipient) ([]int, error) {
+	_, err := s.modify(id, false, func(rcpts []Recipient) ([]int, error) {
 		var changed []int
 		for j := range rcpts {
 			if rcpts[j].State == Pending {
@@ -524,7 +621,7 @@ func (s *Store) Reschedule(id ID, at time.Time) error {
 // Delete removes id with all its records (admin removal), or returns
 // ErrNotFound.
 func (s *Store) Delete(id ID) error {
-	_, err := s.modify(id, func(rcpts []Recipient) ([]int, error) {
+	_, err := s.modify(id, false, func(rcpts []Recipient) ([]int, error) {
 		for j := range rcpts {
 			if rcpts[j].State == Pending {
 				rcpts[j].State = Expired
@@ -550,13 +647,14 @@ func findRcpt(rcpts []Recipient, idx uint16) int {
 // modify is the read-modify-write behind Update, Reschedule and Delete. It
 // reads id's recipient records, lets change edit them (returning which
 // ones to rewrite), and writes the rewritten records and the moved due
-// entry, or the removal of the message when no recipient is pending.
+// entry, or the removal of the message when no recipient is pending; it
+// waits for the fsync unless lazy.
 //
 // Every key is written so that SingleDelete is valid for it: a recipient
 // record is rewritten as SingleDelete+Set (each Set sits between two
 // deletes), the due entry is only Set when it moves, and a removed
 // message's keys each get one SingleDelete.
-func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed bool, err error) {
+func (s *Store) modify(id ID, lazy bool, change func([]Recipient) ([]int, error)) (removed bool, err error) {
 	if !s.enter() {
 		return false, ErrClosed
 	}
@@ -615,7 +713,7 @@ func (s *Store) modify(id ID, change func([]Recipient) ([]int, error)) (removed 
 		_ = b.Close()
 		return false, nil
 	}
-	if err := s.write(b, delta, setDue); err != nil {
+	if err := s.write(b, delta, setDue, lazy); err != nil {
 		return false, err
 	}
 	if !pending {

@@ -54,6 +54,16 @@ type Config struct {
 	// Default: 64 MiB.
 	CacheSize int64 `toml:"cache_size"`
 
+	// LazySyncDelay bounds how long a write made by UpdateLazy (a delivery
+	// outcome) may stay unsynced: any later synced write covers it (the WAL
+	// is written in order), and when none comes within this delay the store
+	// syncs by itself. It is the window in which an operating-system crash
+	// or power loss can undo an outcome, so that the mail is delivered
+	// again (never lost). A process crash loses only what pebble had not
+	// yet handed to the kernel, a few milliseconds' worth under load.
+	// Between 1ms and 10s. Default: 100ms.
+	LazySyncDelay time.Duration `toml:"lazy_sync_delay"`
+
 	// NodeID is written into every ID made by NewID. It is set by the cluster
 	// wiring, not by the configuration file.
 	// Default: 0.
@@ -75,6 +85,9 @@ const (
 	defaultCommitWorkers = 4
 	defaultCommitQueue   = 4096
 	defaultCacheSize     = 64 << 20
+	defaultLazySyncDelay = 100 * time.Millisecond
+	minLazySyncDelay     = time.Millisecond
+	maxLazySyncDelay     = 10 * time.Second
 
 	minMemTableSize = 1 << 20
 	maxMemTableSize = 1 << 31 // pebble requires < 4 GiB; keep a margin.
@@ -108,6 +121,9 @@ func (c *Config) EnsureDefaults() {
 	if c.CacheSize == 0 {
 		c.CacheSize = defaultCacheSize
 	}
+	if c.LazySyncDelay == 0 {
+		c.LazySyncDelay = defaultLazySyncDelay
+	}
 }
 
 // Validate reports every problem of c at once, each prefixed with its TOML
@@ -137,6 +153,9 @@ func (c Config) Validate() error {
 	}
 	if c.CacheSize < 0 {
 		add("cache_size", "must be >= 0 (got %d)", c.CacheSize)
+	}
+	if c.LazySyncDelay < minLazySyncDelay || c.LazySyncDelay > maxLazySyncDelay {
+		add("lazy_sync_delay", "must be between %s and %s (got %s)", minLazySyncDelay, maxLazySyncDelay, c.LazySyncDelay)
 	}
 	return errors.Join(errs...)
 }

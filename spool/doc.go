@@ -31,7 +31,8 @@
 //     delivered before its memtable is flushed leaves nothing at all behind
 //     (Set and SingleDelete annihilate in the flush).
 //   - Stats.Messages is the number of due entries: counted at Open, then
-//     +1 per durable Commit and -1 per durable removal.
+//     +1 per durable Commit and -1 per removal (durable, or for UpdateLazy
+//     written).
 //   - IDs from NewID strictly increase, also across restarts: Open starts
 //     above the largest stored ID even if the clock went back.
 //
@@ -67,7 +68,19 @@
 //
 // Commit's done callback runs on the syncer (or, for errors found before
 // queueing, on a new goroutine), exactly once, with nil only when the write
-// is durable. Update and friends block until durable. Calls for one ID are
+// is durable. Update and friends block until durable.
+//
+// UpdateLazy (delivery outcomes) blocks only until its group is in the WAL
+// and the memtable. A group of lazy writes alone is written without a
+// sync; the fsync of the next synced group covers it, since the WAL is
+// written and replayed in order, and when none comes within
+// Config.LazySyncDelay (100 ms) the store queues a synced log-only record
+// itself (hermod_spool_lazy_syncs_total). Lazy writes in a synced group
+// complete before its fsync. A crash can therefore undo a lazy outcome
+// (the mail is delivered again) but never expose a later write without it.
+// Under steady-1k this took the WAL syncs per relayed message from
+// 0.065-0.080 to 0.046-0.048, and at 2,000 msg/s from 0.47-0.57 to
+// 0.31-0.34 (2026-11-24). Calls for one ID are
 // serialized by striped locks. As with any pebble write, a write becomes
 // visible to reads (Load, Due, Walk) a moment before its fsync completes;
 // if that fsync fails, the store fails (below).

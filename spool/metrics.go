@@ -47,7 +47,8 @@ type Metrics struct {
 	DiskBytes uint64 // pebble's on-disk size
 
 	Commits       uint64 // messages made durable by Commit
-	CommitBatches uint64 // synced pebble batches (groups of Commits and Updates)
+	CommitBatches uint64 // pebble batches written (groups of Commits and Updates)
+	LazySyncs     uint64 // syncs made for lazy writes no other write synced in time
 	CommitErrors  uint64 // Commit/Update/Reschedule/Delete writes that failed
 	Updates       uint64 // Update calls that wrote or would write
 	Removals      uint64 // messages removed (no recipient pending, or Delete)
@@ -71,6 +72,7 @@ func (s *Store) Metrics() Metrics {
 		DiskBytes:     s.refreshDiskBytes(),
 		Commits:       s.commits.Load(),
 		CommitBatches: s.commitBatches.Load(),
+		LazySyncs:     s.lazySyncs.Load(),
 		CommitErrors:  s.commitErrors.Load(),
 		Updates:       s.updates.Load(),
 		Removals:      s.removals.Load(),
@@ -96,7 +98,9 @@ var (
 	descCommits = prometheus.NewDesc("hermod_spool_commits_total",
 		"Messages made durable by Commit.", nil, nil)
 	descBatches = prometheus.NewDesc("hermod_spool_commit_batches_total",
-		"Synced pebble batches written (groups of commits and updates).", nil, nil)
+		"Pebble batches written (groups of commits and updates).", nil, nil)
+	descLazySyncs = prometheus.NewDesc("hermod_spool_lazy_syncs_total",
+		"Syncs the spool made for delivery outcomes no other write synced within lazy_sync_delay.", nil, nil)
 	descCommitErrors = prometheus.NewDesc("hermod_spool_commit_errors_total",
 		"Spool writes that failed.", nil, nil)
 	descUpdates = prometheus.NewDesc("hermod_spool_updates_total",
@@ -118,7 +122,7 @@ var (
 type collector struct{ s *Store }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommits, descBatches, descCommitErrors, descUpdates,
+	for _, d := range []*prometheus.Desc{descCommits, descBatches, descLazySyncs, descCommitErrors, descUpdates,
 		descRemovals, descFsyncs, descFsyncDur, descMessages, descDiskBytes, descFailed} {
 		ch <- d
 	}
@@ -131,6 +135,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(descCommits, m.Commits)
 	counter(descBatches, m.CommitBatches)
+	counter(descLazySyncs, m.LazySyncs)
 	counter(descCommitErrors, m.CommitErrors)
 	counter(descUpdates, m.Updates)
 	counter(descRemovals, m.Removals)

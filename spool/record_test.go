@@ -97,16 +97,16 @@ func TestConfigValidate(t *testing.T) {
 		t.Fatalf("default config: %v", err)
 	}
 	d := DefaultConfig()
-	if d.Dir != "data/spool" || d.Compression != "s2" || d.MemTableSize != 64<<20 || d.CommitWorkers != 4 {
+	if d.Dir != "data/spool" || d.Compression != "s2" || d.MemTableSize != 64<<20 || d.CommitWorkers != 4 || d.LazySyncDelay != 100*time.Millisecond {
 		t.Fatalf("defaults: %+v", d)
 	}
-	bad := Config{Dir: " ", Compression: "lz4", MemTableSize: 1, CommitWorkers: -1, CommitQueue: -5, CacheSize: -1}
+	bad := Config{Dir: " ", Compression: "lz4", MemTableSize: 1, CommitWorkers: -1, CommitQueue: -5, CacheSize: -1, LazySyncDelay: time.Minute}
 	err := bad.Validate()
 	if err == nil {
 		t.Fatal("no error")
 	}
 	for _, key := range []string{"spool.dir:", "spool.compression:", "spool.memtable_size:",
-		"spool.commit_workers:", "spool.commit_queue:", "spool.cache_size:"} {
+		"spool.commit_workers:", "spool.commit_queue:", "spool.cache_size:", "spool.lazy_sync_delay:"} {
 		if !strings.Contains(err.Error(), key) {
 			t.Errorf("error lacks %q: %v", key, err)
 		}

@@ -96,6 +96,16 @@ type Store struct {
 	commitErrors  atomic.Uint64
 	updates       atomic.Uint64
 	removals      atomic.Uint64
+	lazySyncs     atomic.Uint64
+
+	// lazyGen counts the groups written without a sync (all UpdateLazy);
+	// coveredGen is the lazyGen a synced group has covered since (see
+	// armLazySync). Only the gate's holder writes groups, so each moves
+	// in step with the WAL.
+	lazyGen    atomic.Uint64
+	coveredGen atomic.Uint64
+	lazyArmed  atomic.Bool
+	lazyTimer  *time.Timer
 
 	// waitApply makes the workers wait for their own fsync (pebble's Apply)
 	// instead of handing it to the syncer (ApplyNoSyncWait). Only
@@ -152,6 +162,8 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		s.workers[i] = &worker{}
 	}
 	s.syncWorker = &worker{}
+	s.lazyTimer = time.AfterFunc(time.Hour, s.lazySync)
+	s.lazyTimer.Stop()
 	s.maxGroupBytes = min(maxGroupBytes, int(cfg.MemTableSize/4))
 	s.gate <- struct{}{}
 	queue := s.queue
@@ -320,6 +332,7 @@ func (s *Store) close() error {
 		s.drainOnce.Do(func() { close(s.drained) })
 	}
 	<-s.drained
+	s.lazyTimer.Stop() // pebble's Close syncs the WAL
 	close(s.queue)
 	workersDone := make(chan struct{})
 	go func() {
