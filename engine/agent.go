@@ -492,6 +492,7 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 	bm.Received, bm.Helo, bm.ClientIP = now, s.opt.Hostname, "127.0.0.1"
 	bm.Rcpts[0].Domain, bm.Rcpts[0].NextAttempt = netio.Domain(dsn.Rcpt), now
 	bm.ID = s.st.NewID()
+	s.Arriving(bm.ID)
 	var copied chan error
 	if s.opt.Replicate != nil {
 		// Bounces are copied to cluster peers like received mail.
@@ -505,6 +506,7 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 		}
 	}
 	if err != nil {
+		s.Abandon(bm.ID)
 		s.log.Error("queueing bounce", "msg_id", msg.ID.String(), "err", err)
 		// Leave the recipients pending: they will fail again and bounce
 		// then. Nothing is lost, at worst a notification repeats.

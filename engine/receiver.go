@@ -121,6 +121,10 @@ type ReceiverOptions struct {
 	// keep the body to deliver without reading it back). It must not
 	// block, nor modify body.
 	Accepted func(msg *spool.Message, body []byte)
+	// Arriving, when set, is called with each message's ID before its
+	// commit starts, and Abandoned when the commit failed (Accepted
+	// follows a success): the scheduler's Arriving and Abandon.
+	Arriving, Abandoned func(id spool.ID)
 	// Replicate, when set, copies each message to cluster peers before it
 	// is acknowledged: it is called just before the local commit (it may
 	// set msg.Peers), and the 250 waits for both. done(err) reports
@@ -274,6 +278,9 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 	tlsOn := env.Conn.TLS != nil
 	finish := func(err error) {
 		if err != nil {
+			if r.opt.Abandoned != nil {
+				r.opt.Abandoned(msg.ID)
+			}
 			r.m.commitFailed.Add(1)
 			r.opt.Logger.Error("spool commit failed", "msg_id", msg.ID.String(), "err", err)
 			done(errCommit)
@@ -288,6 +295,9 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 		if r.opt.Accepted != nil {
 			r.opt.Accepted(msg, full)
 		}
+	}
+	if r.opt.Arriving != nil {
+		r.opt.Arriving(msg.ID)
 	}
 	if r.opt.Replicate == nil {
 		st.Commit(msg, full, finish)

@@ -109,6 +109,11 @@ type Scheduler struct {
 	cancel  context.CancelFunc
 	agentWG sync.WaitGroup
 
+	// arriving holds the messages being committed that Enqueue will hand
+	// over (see Arriving).
+	arrivingMu sync.Mutex
+	arriving   map[spool.ID]struct{}
+
 	// Loop-owned state.
 	active   map[spool.ID]*entry
 	dests    map[string]*dest
@@ -265,6 +270,7 @@ func NewScheduler(cfg DeliveryConfig, opt SchedulerOptions) (*Scheduler, error) 
 		done:       make(chan struct{}),
 		active:     make(map[spool.ID]*entry),
 		dests:      make(map[string]*dest),
+		arriving:   make(map[spool.ID]struct{}),
 	}
 	s.m.latency = newLatencyHistogram()
 	s.spawn = func(a *agent, jobs []*job) {
@@ -299,7 +305,7 @@ func (s *Scheduler) Stop(ctx context.Context) error {
 // Enqueue hands a message that was just made durable to the scheduler
 // (the hot path: no polling between acceptance and the first attempt).
 // It never blocks: when the loop is saturated the message simply waits in
-// the spool for the next scan.
+// the spool for the next scan. It ends the message's Arriving.
 //
 // body, when not nil, is the message as spooled: kept while the message is
 // in the active set (within a memory budget) so the first attempt need not
@@ -317,6 +323,39 @@ func (s *Scheduler) Enqueue(msg *spool.Message, body []byte) {
 		s.m.overflow.Add(1)
 		s.uncache(body)
 	}
+	// Only now: the event is ahead of any the loop could produce for a
+	// scan that finds the message from here on (the loop takes events in
+	// order), so the hand-over cannot come after such a delivery.
+	s.arrived(msg.ID)
+}
+
+// Arriving tells the scheduler that the message id is being committed and
+// will be handed over by Enqueue, or given up by Abandon when its commit
+// fails. Until then scans leave it in the spool: a message is visible there
+// a moment before its commit is acknowledged, and a scan that delivered it
+// in that moment would have Enqueue deliver it again.
+func (s *Scheduler) Arriving(id spool.ID) {
+	s.arrivingMu.Lock()
+	s.arriving[id] = struct{}{}
+	s.arrivingMu.Unlock()
+}
+
+// Abandon ends the Arriving of a message whose commit failed (if it was
+// stored after all, a scan delivers it).
+func (s *Scheduler) Abandon(id spool.ID) { s.arrived(id) }
+
+func (s *Scheduler) arrived(id spool.ID) {
+	s.arrivingMu.Lock()
+	delete(s.arriving, id)
+	s.arrivingMu.Unlock()
+}
+
+// isArriving reports whether id is between Arriving and its hand-over.
+func (s *Scheduler) isArriving(id spool.ID) bool {
+	s.arrivingMu.Lock()
+	_, ok := s.arriving[id]
+	s.arrivingMu.Unlock()
+	return ok
 }
 
 // Bounds of the body cache of the hot path.
@@ -908,7 +947,7 @@ func (s *Scheduler) scan(now time.Time) {
 		examined++
 		s.scanPrevT, s.scanPrevID = s.cursorT, s.cursorID
 		s.cursorT, s.cursorID = due, id
-		if s.active[id] != nil {
+		if s.active[id] != nil || s.isArriving(id) {
 			return true
 		}
 		if s.refusedAll(hint) {

@@ -31,6 +31,7 @@ type schedHarness struct {
 	t0     time.Time
 	ids    map[string]spool.ID
 	names  map[spool.ID]string
+	msgs   map[string]*spool.Message
 	agents map[string]*fakeAgent
 	order  []string
 	nconn  int
@@ -106,7 +107,7 @@ func newSchedHarness(t *testing.T, args []datadriven.CmdArg) *schedHarness {
 	}
 	scfg := spool.DefaultConfig()
 	scfg.Dir = t.TempDir()
-	h := &schedHarness{t: t, ids: map[string]spool.ID{}, names: map[spool.ID]string{}, agents: map[string]*fakeAgent{}}
+	h := &schedHarness{t: t, ids: map[string]spool.ID{}, names: map[spool.ID]string{}, msgs: map[string]*spool.Message{}, agents: map[string]*fakeAgent{}}
 	h.t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	h.now = h.t0
 	scfg.Clock = func() time.Time { return h.now }
@@ -232,10 +233,12 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 	var out strings.Builder
 	switch d.Cmd {
 	case "enqueue":
-		// enqueue name=m1 rcpts=a@x.test,b@y.test [from=s@z.test] [hot=false]
+		// enqueue name=m1 rcpts=a@x.test,b@y.test [from=s@z.test] [hot=false|arriving]
+		// hot=arriving commits after Arriving and leaves the hand-over
+		// (Enqueue) to the handover command.
 		var name, from string = "", "sender@origin.test"
 		var rcpts []string
-		hot := true
+		hot, arriving := true, false
 		for _, a := range d.CmdArgs {
 			switch a.Key {
 			case "name":
@@ -249,26 +252,55 @@ func (h *schedHarness) run(t *testing.T, d *datadriven.TestData) string {
 				}
 			case "hot":
 				hot = a.Vals[0] == "true"
+				arriving = a.Vals[0] == "arriving"
 			}
 		}
 		msg := &spool.Message{From: from, Received: h.now}
 		for i, r := range rcpts {
 			msg.Rcpts = append(msg.Rcpts, spool.Recipient{Index: uint16(i), Addr: r, NextAttempt: h.now})
 		}
+		msg.ID = h.st.NewID()
+		if arriving {
+			h.s.Arriving(msg.ID)
+		}
 		if err := h.st.CommitWait(msg, []byte("Subject: test\r\n\r\nbody\r\n")); err != nil {
 			t.Fatal(err)
 		}
 		h.ids[name] = msg.ID
 		h.names[msg.ID] = name
-		if hot {
+		h.msgs[name] = msg
+		switch {
+		case arriving:
+			fmt.Fprintf(&out, "%s arriving\n", name)
+		case hot:
 			h.s.handle(evEnqueue{msg: msg})
 			if h.s.active[msg.ID] != nil {
 				fmt.Fprintf(&out, "%s admitted\n", name)
 			} else {
 				fmt.Fprintf(&out, "%s left in the spool\n", name)
 			}
-		} else {
+		default:
 			fmt.Fprintf(&out, "%s spooled\n", name)
+		}
+	case "handover", "abandon":
+		// handover name=m1: Enqueue of an arriving message, as the loop
+		// takes it; abandon name=m1: its commit failed after all.
+		msg := h.msgs[d.CmdArgs[0].Vals[0]]
+		if d.Cmd == "abandon" {
+			h.s.Abandon(msg.ID)
+			fmt.Fprintf(&out, "%s abandoned\n", h.names[msg.ID])
+			break
+		}
+		before := h.s.active[msg.ID]
+		h.s.Enqueue(msg, nil)
+		h.settle(&out)
+		switch e := h.s.active[msg.ID]; {
+		case e == nil:
+			fmt.Fprintf(&out, "%s not admitted\n", h.names[msg.ID])
+		case e == before:
+			fmt.Fprintf(&out, "%s already active\n", h.names[msg.ID])
+		default:
+			fmt.Fprintf(&out, "%s admitted\n", h.names[msg.ID])
 		}
 	case "dispatch":
 		h.dispatch(&out)

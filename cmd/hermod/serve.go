@@ -178,11 +178,13 @@ func (d *daemonState) run(cfg Config) error {
 	}()
 
 	recvOpt := engine.ReceiverOptions{
-		Hostname: cfg.Server.Hostname,
-		Store:    store,
-		Logger:   log.With("component", "receiver"),
-		Log:      elog,
-		Accepted: sched.Enqueue,
+		Hostname:  cfg.Server.Hostname,
+		Store:     store,
+		Logger:    log.With("component", "receiver"),
+		Log:       elog,
+		Accepted:  sched.Enqueue,
+		Arriving:  sched.Arriving,
+		Abandoned: sched.Abandon,
 	}
 	if d.cluster != nil {
 		recvOpt.Replicate = d.cluster.Replicate
