@@ -783,7 +783,14 @@ func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
 		i := bytes.IndexByte(p[consumed:], '\n')
 		if i < 0 {
 			rest := len(p) - consumed
-			if s.midLine || rest >= maxTextLine {
+			// A line without its LF yet is over-long once it cannot end
+			// within maxTextLine octets, the dot doubled for transparency
+			// not counted (RFC 5321 §4.5.3.1.6).
+			limit := maxTextLine
+			if p[consumed] == '.' {
+				limit++
+			}
+			if s.midLine || rest >= limit {
 				// An over-long line: note it and drop what we have,
 				// checked and counted as if it were kept, so that the
 				// reply does not depend on how the line was split.
@@ -846,11 +853,13 @@ func (s *Session) readData(p []byte) (consumed int, done, closeNow bool) {
 			s.noteDataErr(errBareLFData)
 		}
 		s.lastBare = bare
+		if len(line) > 0 && line[0] == '.' {
+			line = line[1:] // dot-unstuffing
+		}
+		// The limit counts the CRLF but not the dot doubled for
+		// transparency (RFC 5321 §4.5.3.1.6).
 		if len(line) > maxTextLine {
 			s.noteDataErr(errDataLineLong)
-		}
-		if len(line) > 0 && line[0] == '.' {
-			line = line[1:]
 		}
 		s.appendBody(line)
 	}
