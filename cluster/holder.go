@@ -250,15 +250,18 @@ func (h *holder) handshake(c net.Conn, r *bufio.Reader) (string, error) {
 
 // applyOutcome records recipients' outcomes on a copy; a finished message
 // is dropped. A copy that is gone (taken over, or never stored) is
-// ignored.
+// ignored. The writes do not wait for their fsync: one lost in a crash of
+// this machine leaves a copy the origin no longer needs, which the check
+// with the origin drops later (or, if the origin dies first, a takeover
+// delivers again: a duplicate, never a loss).
 func (h *holder) applyOutcome(id spool.ID, rcpts []spool.Recipient, removed bool) {
 	if removed {
-		if err := h.store.Delete(id); err == nil {
+		if err := h.store.DeleteLazy(id); err == nil {
 			h.dropped.Add(1)
 		}
 		return
 	}
-	if _, err := h.store.Update(id, rcpts); err != nil && !errors.Is(err, spool.ErrNotFound) {
+	if _, err := h.store.UpdateLazy(id, rcpts); err != nil && !errors.Is(err, spool.ErrNotFound) {
 		h.log.Warn("applying an outcome to a replica", "msg_id", id.String(), "err", err)
 	}
 }

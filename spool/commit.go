@@ -620,8 +620,15 @@ func (s *Store) Reschedule(id ID, at time.Time) error {
 
 // Delete removes id with all its records (admin removal), or returns
 // ErrNotFound.
-func (s *Store) Delete(id ID) error {
-	_, err := s.modify(id, false, func(rcpts []Recipient) ([]int, error) {
+func (s *Store) Delete(id ID) error { return s.delete(id, false) }
+
+// DeleteLazy is Delete without the wait for the fsync (see UpdateLazy):
+// for a removal whose loss in a crash only repeats work, such as a cluster
+// replica of mail its origin delivered.
+func (s *Store) DeleteLazy(id ID) error { return s.delete(id, true) }
+
+func (s *Store) delete(id ID, lazy bool) error {
+	_, err := s.modify(id, lazy, func(rcpts []Recipient) ([]int, error) {
 		for j := range rcpts {
 			if rcpts[j].State == Pending {
 				rcpts[j].State = Expired

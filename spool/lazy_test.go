@@ -135,3 +135,45 @@ func TestUpdateLazyCloseSyncs(t *testing.T) {
 		t.Fatalf("recipients after Close and crash: %v %v, want delivered and pending", got.Rcpts[0].State, got.Rcpts[1].State)
 	}
 }
+
+// TestDeleteLazy checks that DeleteLazy removes at once, is undone by a
+// crash before any sync, and is made durable by the next synced write.
+func TestDeleteLazy(t *testing.T) {
+	mem := vfs.NewCrashableMem()
+	cfg := memConfig(mem)
+	cfg.LazySyncDelay = 10 * time.Second
+	s := openT(t, cfg)
+	defer s.Close()
+	a, b := testMessage(1, "a@x.test"), testMessage(2, "b@x.test")
+	for _, m := range []*Message{a, b} {
+		if err := s.CommitWait(m, testBody(1, 300)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.DeleteLazy(a.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load(a.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Load after DeleteLazy: %v", err)
+	}
+	before := mem.CrashClone(vfs.CrashCloneCfg{})
+	if err := s.Delete(b.ID); err != nil { // synced: covers the lazy delete
+		t.Fatal(err)
+	}
+	after := mem.CrashClone(vfs.CrashCloneCfg{})
+	for _, tc := range []struct {
+		name    string
+		fs      *vfs.MemFS
+		aExists bool
+	}{{"crash before a sync", before, true}, {"crash after a synced write", after, false}} {
+		c := openT(t, memConfig(tc.fs))
+		checkInvariants(t, c)
+		_, err := c.Load(a.ID)
+		if exists := err == nil; exists != tc.aExists {
+			t.Errorf("%s: a exists = %v (%v), want %v", tc.name, exists, err, tc.aExists)
+		}
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
