@@ -6,8 +6,11 @@ package netio
 
 import (
 	"fmt"
+	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestAuditTextLineDotStuffed: RFC 5321 §4.5.3.1.6 limits a text line to
@@ -55,5 +58,78 @@ func TestAuditTextLineDotStuffed(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestAuditHalfClose: a client may send its whole session and shut down
+// its side of the connection (shutdown(SHUT_WR), as `nc -N` and many
+// scripts do) and then read the replies. The server must still answer
+// what it received: the reply to the end of data once the commit is done
+// (without it the client believes a queued message failed and sends it
+// again) and the 221 to QUIT (RFC 5321 §4.1.1.10: the server must not
+// close before it has replied to QUIT).
+func TestAuditHalfClose(t *testing.T) {
+	cases := []struct {
+		name, in string
+		want     []string // prefixes of the replies after EHLO's
+	}{
+		{"data quit", tx + "DATA\r\nSubject: t\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+			[]string{"250 2.1.0", "250 2.1.5", "354 ", "250 2.0.0 Ok: queued", "221 2.0.0"}},
+		{"data only", tx + "DATA\r\nSubject: t\r\n\r\nhello\r\n.\r\n",
+			[]string{"250 2.1.0", "250 2.1.5", "354 ", "250 2.0.0 Ok: queued"}},
+		{"bdat quit", tx + "BDAT 7 LAST\r\nhello\r\nQUIT\r\n",
+			[]string{"250 2.1.0", "250 2.1.5", "250 2.0.0 Ok: queued", "221 2.0.0"}},
+		{"two messages", tx + "DATA\r\none\r\n.\r\n" + tx + "DATA\r\ntwo\r\n.\r\nQUIT\r\n",
+			[]string{"250 2.1.0", "250 2.1.5", "354 ", "250 2.0.0 Ok: queued", "250 2.1.0", "250 2.1.5", "354 ", "250 2.0.0 Ok: queued", "221 2.0.0"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			b := &asyncBackend{delay: 200 * time.Millisecond}
+			srv, addr := startServer(t, ServerConfig{}, b, nil)
+			d := dial(t, addr)
+			d.expect("220 ")
+			d.send(hello)
+			d.expect("250-mx.test")
+			d.send(c.in)
+			if err := d.c.(*net.TCPConn).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			_ = d.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			rest, err := io.ReadAll(d.r)
+			if err != nil {
+				t.Fatalf("reading replies: %v (got %q)", err, rest)
+			}
+			replies := splitReplies(string(rest))
+			if len(replies) != len(c.want) {
+				t.Fatalf("%d replies, want %d: %q", len(replies), len(c.want), rest)
+			}
+			for i, w := range c.want {
+				if !strings.HasPrefix(replies[i], w) {
+					t.Errorf("reply %d is %q, want %q…", i, replies[i], w)
+				}
+			}
+			queued := 0
+			for _, w := range c.want {
+				if strings.Contains(w, "queued") {
+					queued++
+				}
+			}
+			if n := b.count(); n != queued {
+				t.Errorf("%d messages committed, %d acknowledged", n, queued)
+			}
+			waitActive(t, srv, 0)
+		})
+	}
+}
+
+// waitActive waits (up to 10 s) until the server counts n open connections.
+func waitActive(t *testing.T, s *Server, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for s.m.active.Load() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections open, want %d", s.m.active.Load(), n)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -36,7 +37,11 @@ import (
 // On failure: a listener that cannot be bound makes Serve return an error;
 // an individual connection error closes only that connection. A message
 // whose commit was in flight when its client vanished stays committed (the
-// client may send it again: delivery is at least once).
+// client may send it again: delivery is at least once). A client that only
+// shut down its sending side while a commit was pending still gets the
+// reply, and those to the commands it pipelined behind (gnet closes on the
+// end of input, so such a connection moves to a goroutine as a TLS one
+// does).
 type Server struct {
 	cfg     ServerConfig
 	backend Backend
@@ -384,8 +389,33 @@ func (h *handler) OnClose(gc gnet.Conn, err error) gnet.Action {
 	if !ok || c.handedOff {
 		return gnet.None
 	}
+	if errors.Is(err, io.EOF) && c.sess.Phase() == PhasePending && h.handOffHalfClosed(c) {
+		return gnet.None
+	}
 	h.s.finish(c, err)
 	return gnet.None
+}
+
+// handOffHalfClosed keeps a connection whose client shut down its sending
+// side (gnet closes on the end of input) while a commit is pending: a
+// goroutine waits for the commit, writes its reply and answers the input
+// pipelined behind it, as the TLS goroutines do. Without it the client of
+// a queued message would never see the 250 and would send the message
+// again, and a pipelined QUIT would go unanswered (RFC 5321 §4.1.1.10).
+// It reports false when the connection could not be kept.
+func (h *handler) handOffHalfClosed(c *conn) bool {
+	fd, err := c.gc.Dup()
+	if err != nil {
+		h.s.log.Warn("half-closed connection: dup failed", "remote", c.info.Remote, "err", err)
+		return false
+	}
+	in, _ := c.gc.Peek(-1)
+	pending := append(make([]byte, 0, len(in)+64<<10), in...)
+	c.handedOff = true
+	c.tlsMode.Store(true) // no more wake-ups nor ticker: the goroutine owns c
+	h.s.tlsWG.Add(1)
+	go h.s.serveHalfClosed(c, fd, pending)
+	return true
 }
 
 // finish accounts for a session that ended.

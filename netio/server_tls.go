@@ -80,13 +80,45 @@ func (s *Server) serveTLS(c *conn, fd int) {
 	s.m.tlsOK.Add(1)
 	cs := tc.ConnectionState()
 	c.sess.TLSStarted(&cs)
-	outcome = s.runBlocking(c, tc)
+	outcome = s.runBlocking(c, tc, nil)
+}
+
+// serveHalfClosed finishes, on the duplicate descriptor fd, a plain
+// connection whose client shut down its sending side while a commit was
+// pending; pending is the input gnet had buffered (see handOffHalfClosed).
+func (s *Server) serveHalfClosed(c *conn, fd int, pending []byte) {
+	defer s.tlsWG.Done()
+	outcome := "client_closed"
+	defer func() {
+		c.outcome = outcome
+		s.finish(c, nil)
+	}()
+	f := os.NewFile(uintptr(fd), "smtp-halfclosed")
+	nc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return
+	}
+	c.netConn.Store(&nc)
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		nc.Close()
+		outcome = "shutdown"
+		return
+	}
+	defer nc.Close()
+	outcome = s.runBlocking(c, nc, pending)
 }
 
 // runBlocking drives a session over a blocking connection until it ends and
-// returns the session's outcome.
-func (s *Server) runBlocking(c *conn, nc net.Conn) string {
-	buf := make([]byte, 0, 64<<10)
+// returns the session's outcome. buf holds input already received (nil
+// for none); its capacity beyond its length is the read buffer.
+func (s *Server) runBlocking(c *conn, nc net.Conn, buf []byte) string {
+	if buf == nil {
+		buf = make([]byte, 0, 64<<10)
+	}
 	out := make([]byte, 0, 512)
 	// write sends replies, each with a fresh deadline: a stale one (say,
 	// set with the 354 before a DATA phase longer than CommandTimeout)
