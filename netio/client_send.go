@@ -700,14 +700,18 @@ func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Err
 	return rep, nil
 }
 
-// readReset reads the reply to RSET.
+// readReset reads the reply to RSET. A refusal says nothing about the
+// transaction behind it (the session is out of step): it is a protocol
+// error, which does not carry the reply's code, so that the messages are
+// retried rather than bounced.
 func (c *ClientConn) readReset() error {
 	rep, err := c.reply(c.cfg.MailTimeout, clientStepReset)
 	switch {
 	case err != nil:
 		return c.ioError("RSET", err)
 	case rep.Code/100 != 2 && rep.Code != 421:
-		return c.replyError("RSET", rep)
+		c.broken = true
+		return fmt.Errorf("netio: client: %s RSET: %w: refused with %v", c.mx, ErrClientProtocol, rep)
 	}
 	return nil
 }
