@@ -759,3 +759,36 @@ func TestAuditSTARTTLSFailures(t *testing.T) {
 		}
 	}
 }
+
+// TestAudit8BitToSevenBitServer: a server without 8BITMIME cannot take
+// 8-bit content (RFC 6152 §3), but a message merely declared BODY=8BITMIME
+// whose content is 7-bit is plain RFC 5321 mail: it is sent, without the
+// parameter the server does not know.
+func TestAudit8BitToSevenBitServer(t *testing.T) {
+	for _, chunk := range []bool{false, true} {
+		t.Run(fmt.Sprintf("chunking %v", chunk), func(t *testing.T) {
+			addr, wait := clientScript(t, func(p *clientPeer) {
+				if chunk {
+					p.hello("PIPELINING", "CHUNKING")
+					p.expect("MAIL FROM:<s@x.test>\r\n")
+					p.expect("RCPT")
+					p.bdat()
+					p.send("250 ok", "250 ok", "250 queued")
+				} else {
+					p.hello("PIPELINING")
+					p.transaction(true, []string{"MAIL FROM:<s@x.test>\r\n", "RCPT", "DATA"}, []string{"250 ok", "250 ok", "354 go"}, "250 queued")
+				}
+				p.quit()
+			})
+			c := clientDial(t, clientTestConfig(), addr)
+			ctx := clientTestCtx(t)
+			env := &ClientEnvelope{From: "s@x.test", Rcpts: []string{"a@y.test"}, Body8Bit: true}
+			_, err := c.Send(ctx, env, []byte("caf\xc3\xa9\r\n"))
+			clientWantSMTPErr(t, err, 554, "5.6.3")
+			res, err := c.Send(ctx, env, []byte("Subject: plain\r\n\r\nseven bits\r\n"))
+			auditWantFates(t, res, err, "delivered")
+			c.Quit()
+			wait()
+		})
+	}
+}

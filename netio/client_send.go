@@ -25,7 +25,9 @@ type ClientEnvelope struct {
 	// the server's limit. 0 means len(body).
 	Size int64
 	// Body8Bit says the body has 8-bit content: BODY=8BITMIME is sent, and
-	// a server without 8BITMIME gets nothing (554 5.6.3, RFC 6152 §3).
+	// a server without 8BITMIME gets nothing (554 5.6.3, RFC 6152 §3)
+	// unless the body has no octet above 127 after all: it is then sent
+	// to that server without the parameter.
 	Body8Bit bool
 	// SMTPUTF8 says the envelope or header has UTF-8 (RFC 6531). It is
 	// implied by a non-ASCII address. A server without SMTPUTF8 gets nothing
@@ -630,7 +632,7 @@ func (c *ClientConn) precheck(env *ClientEnvelope, body []byte) (int64, bool, er
 	switch {
 	case utf8 && c.exts&clientExtSMTPUTF8 == 0:
 		return 0, false, smtperr.New(554, "5.6.7", "%s does not support SMTPUTF8, which this message needs", c.mx)
-	case env.Body8Bit && c.exts&clientExt8BitMIME == 0:
+	case env.Body8Bit && c.exts&clientExt8BitMIME == 0 && !clientASCII(body):
 		return 0, false, smtperr.New(554, "5.6.3", "%s does not support 8BITMIME, which this message needs", c.mx)
 	case c.maxSize > 0 && size > c.maxSize:
 		return 0, false, smtperr.New(552, "5.3.4", "message size %d exceeds the limit of %d of %s", size, c.maxSize, c.mx)
@@ -726,7 +728,7 @@ func (c *ClientConn) writeMail(env *ClientEnvelope, size int64, utf8 bool) {
 		w.WriteString(" SIZE=")
 		w.Write(strconv.AppendInt(c.num[:0], size, 10))
 	}
-	if env.Body8Bit {
+	if env.Body8Bit && c.exts&clientExt8BitMIME != 0 {
 		w.WriteString(" BODY=8BITMIME")
 	}
 	if utf8 {
@@ -855,7 +857,7 @@ func clientNeedsUTF8(env *ClientEnvelope) bool {
 	return false
 }
 
-func clientASCII(s string) bool {
+func clientASCII[T string | []byte](s T) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] >= 0x80 {
 			return false

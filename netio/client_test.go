@@ -684,7 +684,7 @@ func TestClient8BitAndUTF8(t *testing.T) {
 			{ClientEnvelope{From: "a@x.test", Rcpts: []string{"b@y.test", "jürgen@y.test"}}, "5.6.7"},
 			{ClientEnvelope{From: "δ@x.test", Rcpts: []string{"b@y.test"}}, "5.6.7"},
 		} {
-			_, err := c.Send(ctx, &tc.env, []byte("x\r\n"))
+			_, err := c.Send(ctx, &tc.env, []byte("caf\xc3\xa9\r\n"))
 			if e := clientWantSMTPErr(t, err, 554, tc.enhanced); !e.Permanent() {
 				t.Errorf("%+v: not permanent", tc.env)
 			}
