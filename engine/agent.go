@@ -152,11 +152,19 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 		if !a.conn.Usable() {
 			_ = a.conn.Close()
 			a.conn = nil
-			first := srs[0]
-			if reused && try == 0 && errs[0] != nil && (first == nil || first.Mail == nil) && s.ctx.Err() == nil {
-				// The server had closed the cached connection before
-				// these transactions began: not the messages' fault, try
-				// again on a new connection.
+			// No transaction got a reply (a message refused before
+			// sending has no result): the server had closed the cached
+			// connection before these transactions began, not the
+			// messages' fault; try again on a new connection. Once one
+			// got a reply, messages may have been delivered: they must
+			// not be sent again.
+			stale := true
+			for _, sr := range srs {
+				if sr != nil && sr.Mail != nil {
+					stale = false
+				}
+			}
+			if reused && try == 0 && stale && s.ctx.Err() == nil {
 				s.m.staleConns.Add(1)
 				continue
 			}

@@ -1,0 +1,195 @@
+package engine
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hermod-mta/hermod/netio"
+	"github.com/hermod-mta/hermod/spool"
+)
+
+// limitSink is a pipelining server with a small SIZE that takes at most
+// perConn MAIL commands on a connection and answers the next with 421 (as
+// providers limit the messages of one connection). It counts the messages
+// it accepted per recipient.
+type limitSink struct {
+	perConn int
+	mu      sync.Mutex
+	got     map[string]int
+}
+
+func startLimitSink(t *testing.T, perConn int) (*limitSink, netip.AddrPort) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &limitSink{perConn: perConn, got: map[string]int{}}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				b.serve(c)
+			}()
+		}
+	}()
+	return b, netip.MustParseAddrPort(ln.Addr().String())
+}
+
+func (b *limitSink) serve(c net.Conn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second)) // bounds every loop below
+	r, w := bufio.NewReader(c), bufio.NewWriter(c)
+	w.WriteString("220 sink ESMTP\r\n")
+	w.Flush()
+	mails := 0
+	var rcpts []string
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		switch strings.ToUpper(line[:min(4, len(line))]) {
+		case "EHLO":
+			w.WriteString("250-sink\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+		case "RSET":
+			rcpts = rcpts[:0]
+			w.WriteString("250 2.0.0 ok\r\n")
+		case "MAIL":
+			if mails++; mails > b.perConn {
+				w.WriteString("421 4.7.0 too many messages on this connection\r\n")
+				w.Flush()
+				return
+			}
+			rcpts = rcpts[:0]
+			w.WriteString("250 2.0.0 ok\r\n")
+		case "RCPT":
+			rcpts = append(rcpts, strings.TrimSpace(line))
+			w.WriteString("250 2.1.5 ok\r\n")
+		case "DATA":
+			w.WriteString("354 go\r\n")
+			w.Flush()
+			for {
+				l, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if l == ".\r\n" {
+					break
+				}
+			}
+			b.mu.Lock()
+			for _, a := range rcpts {
+				b.got[a]++
+			}
+			b.mu.Unlock()
+			w.WriteString("250 2.0.0 queued\r\n")
+		case "QUIT":
+			w.WriteString("221 2.0.0 bye\r\n")
+			w.Flush()
+			return
+		default:
+			w.WriteString("500 5.5.2 what\r\n")
+		}
+		if r.Buffered() == 0 {
+			if w.Flush() != nil {
+				return
+			}
+		}
+	}
+}
+
+func (b *limitSink) snapshot() map[string]int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	got := make(map[string]int, len(b.got))
+	for k, v := range b.got {
+		got[k] = v
+	}
+	return got
+}
+
+// TestAuditReusedBatchNotResent: on a reused connection, a batch whose
+// first message is refused before sending (larger than the server's SIZE)
+// and whose later messages are delivered, then cut off by a 421, must not
+// be sent again as if the cached connection had been stale: the messages
+// already accepted would arrive twice.
+func TestAuditReusedBatchNotResent(t *testing.T) {
+	sink, addr := startLimitSink(t, 5)
+	st := openStore(t)
+	cfg := DeliveryConfig{}
+	cfg.Hostname = "relay.test"
+	cfg.TLS = netio.TLSDisabled
+	cfg.Port = int(addr.Port())
+	cfg.MaxConnectionsPerDomain = 1
+	cfg.PipelineTransactions = 4
+	cfg.Retry = []time.Duration{time.Hour}
+	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Batches of four: m0..m3 open the connection; m4 (too big), m5, m6
+	// and m7 reuse it. m5 is the connection's fifth message, m6 gets 421.
+	var ids []spool.ID
+	for i := range 8 {
+		body := []byte(fmt.Sprintf("Subject: %d\r\n\r\nbody %d\r\n", i, i))
+		if i == 4 {
+			body = []byte("Subject: big\r\n\r\n" + strings.Repeat("x", 2000) + "\r\n")
+		}
+		now := time.Now()
+		msg := &spool.Message{
+			ID: st.NewID(), From: "", Received: now, ClientIP: "127.0.0.1", Helo: "src.test", Size: int64(len(body)),
+			Rcpts: []spool.Recipient{{Addr: fmt.Sprintf("m%d@dest.test", i), Domain: "dest.test", NextAttempt: now}},
+		}
+		if err := st.CommitWait(msg, body); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, msg.ID)
+		s.Enqueue(msg, body)
+	}
+	s.Start()
+	defer s.Stop(context.Background())
+
+	// Done when every message has had its attempt.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		tried := 0
+		for _, id := range ids {
+			if m, err := st.Load(id); err != nil || m.Rcpts[0].Attempts > 0 {
+				tried++
+			}
+		}
+		if tried == len(ids) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 20 s, %d of %d messages attempted", tried, len(ids))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // a duplicate would be on its way
+	for rcpt, n := range sink.snapshot() {
+		if n != 1 {
+			t.Errorf("%s: received %d times", rcpt, n)
+		}
+	}
+}
