@@ -133,3 +133,20 @@ func waitActive(t *testing.T, s *Server, n int64) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestAuditOutcomeClientClosed: a client that ends the connection without
+// QUIT is counted as client_closed, not as a server-side error (gnet
+// reports the end of input as an error).
+func TestAuditOutcomeClientClosed(t *testing.T) {
+	srv, addr := startServer(t, ServerConfig{}, &asyncBackend{}, nil)
+	d := dial(t, addr)
+	d.expect("220 ")
+	d.send(hello)
+	d.expect("250-mx.test")
+	d.c.Close()
+	waitActive(t, srv, 0)
+	m := srv.Metrics().SessionOutcomes
+	if m["client_closed"] != 1 || m["error"] != 0 {
+		t.Fatalf("outcomes %v, want one client_closed", m)
+	}
+}

@@ -426,7 +426,7 @@ func (s *Server) finish(c *conn, err error) {
 	case outcome != "":
 	case c.timedOut.Load():
 		outcome = "timeout"
-	case err != nil:
+	case err != nil && !errors.Is(err, io.EOF): // EOF: the client closed
 		outcome = "error"
 	default:
 		outcome = "client_closed"
