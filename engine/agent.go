@@ -189,6 +189,13 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 					reply = sr.Outcome(r)
 				}
 				outs[r].class, outs[r].reply = classify(reply, errs[n])
+				if rep := outs[r].reply; outs[r].class == outBounced && rep.Code == 552 && rep.Enhanced == "5.5.3" {
+					// RFC 821's "too many recipients": temporary
+					// (RFC 5321 §4.5.3.1.10; RFC 3463 X.5.3: the rest
+					// are delivered later). Without 5.5.3 a 552 is
+					// "exceeded storage allocation" and stays permanent.
+					outs[r].class = outDeferred
+				}
 			}
 			if n < len(live)-1 {
 				draws := make(drawList, len(j.rcpts))

@@ -21,6 +21,9 @@ import (
 // it accepted per recipient.
 type limitSink struct {
 	perConn int
+	// rcptMax, when set, is the most recipients of a transaction; the
+	// next get 552 5.5.3 (RFC 821's code for too many recipients).
+	rcptMax int
 	mu      sync.Mutex
 	got     map[string]int
 }
@@ -83,6 +86,10 @@ func (b *limitSink) serve(c net.Conn) {
 			rcpts = rcpts[:0]
 			w.WriteString("250 2.0.0 ok\r\n")
 		case "RCPT":
+			if b.rcptMax > 0 && len(rcpts) == b.rcptMax {
+				w.WriteString("552 5.5.3 too many recipients\r\n")
+				break
+			}
 			rcpts = append(rcpts, strings.TrimSpace(line))
 			w.WriteString("250 2.1.5 ok\r\n")
 		case "DATA":
@@ -191,5 +198,62 @@ func TestAuditReusedBatchNotResent(t *testing.T) {
 		if n != 1 {
 			t.Errorf("%s: received %d times", rcpt, n)
 		}
+	}
+}
+
+// TestAuditTooManyRecipients552: 552 to RCPT with the enhanced code 5.5.3
+// is RFC 821's "too many recipients", which RFC 5321 §4.5.3.1.10 says to
+// treat as temporary (and RFC 3463 X.5.3 says to deliver the rest later):
+// those recipients are deferred, not bounced.
+func TestAuditTooManyRecipients552(t *testing.T) {
+	sink, addr := startLimitSink(t, 100)
+	sink.rcptMax = 1
+	st := openStore(t)
+	cfg := DeliveryConfig{}
+	cfg.Hostname = "relay.test"
+	cfg.TLS = netio.TLSDisabled
+	cfg.Port = int(addr.Port())
+	cfg.Retry = []time.Duration{time.Hour}
+	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	body := []byte("Subject: x\r\n\r\nbody\r\n")
+	msg := &spool.Message{
+		ID: st.NewID(), From: "", Received: now, ClientIP: "127.0.0.1", Helo: "src.test", Size: int64(len(body)),
+		Rcpts: []spool.Recipient{
+			{Addr: "a@dest.test", Domain: "dest.test", NextAttempt: now},
+			{Addr: "b@dest.test", Domain: "dest.test", NextAttempt: now},
+			{Addr: "c@dest.test", Domain: "dest.test", NextAttempt: now},
+		},
+	}
+	if err := st.CommitWait(msg, body); err != nil {
+		t.Fatal(err)
+	}
+	s.Enqueue(msg, body)
+	s.Start()
+	defer s.Stop(context.Background())
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		m, err := st.Load(msg.ID)
+		if err != nil {
+			t.Fatalf("message left the spool: %v", err)
+		}
+		if m.Rcpts[1].Attempts > 0 && m.Rcpts[2].Attempts > 0 {
+			for _, r := range m.Rcpts[1:] {
+				if r.State != spool.Pending || !strings.HasPrefix(r.LastReply, "552 5.5.3") {
+					t.Errorf("%s: %v (%s), want pending after 552 5.5.3", r.Addr, r.State, r.LastReply)
+				}
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no attempt after 20 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := sink.snapshot(); got["RCPT TO:<a@dest.test>"] != 1 || len(got) != 1 {
+		t.Errorf("sink got %v", got)
 	}
 }
