@@ -792,3 +792,48 @@ func TestAudit8BitToSevenBitServer(t *testing.T) {
 		})
 	}
 }
+
+// TestAuditExtraReply: a server that sends more replies than commands is
+// out of step: the surplus would be read as the replies of the next
+// transaction on the connection. With CHUNKING there is no 354 to catch
+// it, so a refused message was counted delivered. The connection must not
+// be reused.
+func TestAuditExtraReply(t *testing.T) {
+	for _, chunk := range []bool{true, false} {
+		t.Run(fmt.Sprintf("chunking %v", chunk), func(t *testing.T) {
+			addr, wait := clientScript(t, func(p *clientPeer) {
+				if chunk {
+					p.hello("PIPELINING", "CHUNKING")
+					p.expect("MAIL")
+					p.expect("RCPT")
+					p.bdat()
+					p.send("250 ok", "250 ok", "250 2.0.0 queued", "250 2.0.0 queued")
+					// The next transaction, if any, is refused.
+					if _, err := p.r.Peek(1); err != nil {
+						return // the client closed the connection
+					}
+					p.expect("MAIL")
+					p.expect("RCPT")
+					p.bdat()
+					p.send("250 ok", "250 ok", "451 4.3.0 failed")
+				} else {
+					p.hello("PIPELINING")
+					// The 354 step catches the shift if the connection is
+					// used again: the next transaction gets no reply.
+					p.transaction(true, []string{"MAIL", "RCPT", "DATA"}, []string{"250 ok", "250 ok", "354 go"}, "250 2.0.0 queued\r\n250 2.0.0 queued")
+				}
+				p.drain()
+			})
+			c := clientDial(t, clientTestConfig(), addr)
+			ctx := clientTestCtx(t)
+			res, err := c.Send(ctx, auditEnv1, []byte("0\r\n"))
+			auditWantFates(t, res, err, "delivered")
+			if c.Usable() {
+				res, err = c.Send(ctx, auditEnv1, []byte("1\r\n"))
+				auditWantFates(t, res, err, "deferred")
+			}
+			c.Close()
+			wait()
+		})
+	}
+}

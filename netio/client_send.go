@@ -128,6 +128,7 @@ func (c *ClientConn) Send(ctx context.Context, env *ClientEnvelope, body []byte)
 
 	stop := c.watch(ctx)
 	res, err := c.send(env, body, size, utf8)
+	c.checkInStep()
 	if stop != nil && !stop() {
 		// The connection was closed under the transaction. A complete
 		// result stays valid (the message may have been accepted).
@@ -500,6 +501,7 @@ func (c *ClientConn) SendBatch(ctx context.Context, envs []*ClientEnvelope, bodi
 	} else {
 		c.sendBatchData(envs, bodies, results, errs, sent)
 	}
+	c.checkInStep()
 	if stop != nil && !stop() {
 		c.broken = true
 		for _, p := range sent {
@@ -700,6 +702,18 @@ func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Err
 		return nil, fmt.Errorf("%w: unexpected reply %v", ErrClientProtocol, rep)
 	}
 	return rep, nil
+}
+
+// checkInStep ends the use of the connection when input is waiting after
+// the last reply due: the server sent more replies than commands, and the
+// surplus would be read as the replies of the next transaction (with
+// CHUNKING nothing like DATA's 354 would catch the shift, and a refused
+// message would be counted delivered).
+func (c *ClientConn) checkInStep() {
+	if c.br.Buffered() > 0 {
+		c.broken = true
+		c.log.Debug("input after the last reply, connection not reused", "octets", c.br.Buffered())
+	}
 }
 
 // readReset reads the reply to RSET. A refusal says nothing about the
