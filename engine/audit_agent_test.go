@@ -15,11 +15,11 @@ import (
 	"github.com/hermod-mta/hermod/spool"
 )
 
-// limitSink is a pipelining server with a small SIZE that takes at most
+// auditLimitSink is a pipelining server with a small SIZE that takes at most
 // perConn MAIL commands on a connection and answers the next with 421 (as
 // providers limit the messages of one connection). It counts the messages
 // it accepted per recipient.
-type limitSink struct {
+type auditLimitSink struct {
 	perConn int
 	// rcptMax, when set, is the most recipients of a transaction; the
 	// next get 552 5.5.3 (RFC 821's code for too many recipients).
@@ -28,13 +28,13 @@ type limitSink struct {
 	got     map[string]int
 }
 
-func startLimitSink(t *testing.T, perConn int) (*limitSink, netip.AddrPort) {
+func startAuditLimitSink(t *testing.T, perConn int) (*auditLimitSink, netip.AddrPort) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &limitSink{perConn: perConn, got: map[string]int{}}
+	b := &auditLimitSink{perConn: perConn, got: map[string]int{}}
 	var wg sync.WaitGroup
 	t.Cleanup(func() {
 		ln.Close()
@@ -58,7 +58,7 @@ func startLimitSink(t *testing.T, perConn int) (*limitSink, netip.AddrPort) {
 	return b, netip.MustParseAddrPort(ln.Addr().String())
 }
 
-func (b *limitSink) serve(c net.Conn) {
+func (b *auditLimitSink) serve(c net.Conn) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(30 * time.Second)) // bounds every loop below
 	r, w := bufio.NewReader(c), bufio.NewWriter(c)
@@ -125,7 +125,7 @@ func (b *limitSink) serve(c net.Conn) {
 	}
 }
 
-func (b *limitSink) snapshot() map[string]int {
+func (b *auditLimitSink) snapshot() map[string]int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	got := make(map[string]int, len(b.got))
@@ -135,13 +135,13 @@ func (b *limitSink) snapshot() map[string]int {
 	return got
 }
 
-// TestAuditReusedBatchNotResent: on a reused connection, a batch whose
+// TestAuditAgentReusedBatchNotResent: on a reused connection, a batch whose
 // first message is refused before sending (larger than the server's SIZE)
 // and whose later messages are delivered, then cut off by a 421, must not
 // be sent again as if the cached connection had been stale: the messages
 // already accepted would arrive twice.
-func TestAuditReusedBatchNotResent(t *testing.T) {
-	sink, addr := startLimitSink(t, 5)
+func TestAuditAgentReusedBatchNotResent(t *testing.T) {
+	sink, addr := startAuditLimitSink(t, 5)
 	st := openStore(t)
 	cfg := DeliveryConfig{}
 	cfg.Hostname = "relay.test"
@@ -201,12 +201,12 @@ func TestAuditReusedBatchNotResent(t *testing.T) {
 	}
 }
 
-// TestAuditTooManyRecipients552: 552 to RCPT with the enhanced code 5.5.3
+// TestAuditAgentTooManyRecipients552: 552 to RCPT with the enhanced code 5.5.3
 // is RFC 821's "too many recipients", which RFC 5321 §4.5.3.1.10 says to
 // treat as temporary (and RFC 3463 X.5.3 says to deliver the rest later):
 // those recipients are deferred, not bounced.
-func TestAuditTooManyRecipients552(t *testing.T) {
-	sink, addr := startLimitSink(t, 100)
+func TestAuditAgentTooManyRecipients552(t *testing.T) {
+	sink, addr := startAuditLimitSink(t, 100)
 	sink.rcptMax = 1
 	st := openStore(t)
 	cfg := DeliveryConfig{}

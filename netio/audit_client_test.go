@@ -2,7 +2,7 @@ package netio
 
 // Audit of the outbound client against odd, hostile and slow receiving
 // servers, each a scripted TCP peer on 127.0.0.1 (clientScript). Every case
-// checks what the engine would record for each recipient (auditFate, the
+// checks what the engine would record for each recipient (auditClientFate, the
 // rule of engine.classify): a transaction cut short must leave its
 // recipients deferred, never delivered, and a reply that says nothing about
 // the message (RSET, a server going away) must never bounce it.
@@ -21,10 +21,10 @@ import (
 	"github.com/hermod-mta/hermod/internal/smtperr"
 )
 
-// auditFate is what the engine records for recipient i of a transaction
+// auditClientFate is what the engine records for recipient i of a transaction
 // that returned res and err: "delivered", "deferred" or "bounced" (the
 // rule of engine.classify applied to SendResult.Outcome).
-func auditFate(res *SendResult, err error, i int) string {
+func auditClientFate(res *SendResult, err error, i int) string {
 	var reply *smtperr.Error
 	if res != nil && res.Rcpts != nil {
 		reply = res.Outcome(i)
@@ -44,18 +44,18 @@ func auditFate(res *SendResult, err error, i int) string {
 	return "deferred"
 }
 
-// auditWantFates checks the fate of every recipient.
-func auditWantFates(t *testing.T, res *SendResult, err error, want ...string) {
+// auditClientFates checks the fate of every recipient.
+func auditClientFates(t *testing.T, res *SendResult, err error, want ...string) {
 	t.Helper()
 	for i, w := range want {
-		if got := auditFate(res, err, i); got != w {
+		if got := auditClientFate(res, err, i); got != w {
 			t.Errorf("recipient %d: %s, want %s (err %v, result %+v)", i, got, w, err, res)
 		}
 	}
 }
 
-// bdat reads a "BDAT n [LAST]" command and its chunk.
-func (p *clientPeer) bdat() string {
+// auditBDAT reads a "BDAT n [LAST]" command and its chunk.
+func (p *clientPeer) auditBDAT() string {
 	l := p.expect("BDAT ")
 	f := strings.Fields(l)
 	if len(f) < 2 {
@@ -75,9 +75,9 @@ func (p *clientPeer) bdat() string {
 	return string(b)
 }
 
-// drain reads whatever the client sends until it closes the connection or
+// auditDrain reads whatever the client sends until it closes the connection or
 // the peer's deadline ends, and returns it.
-func (p *clientPeer) drain() string {
+func (p *clientPeer) auditDrain() string {
 	var b bytes.Buffer
 	buf := make([]byte, 32<<10)
 	for i := 0; i < 100000; i++ {
@@ -91,11 +91,11 @@ func (p *clientPeer) drain() string {
 	return b.String()
 }
 
-var auditEnv1 = &ClientEnvelope{From: "s@x.test", Rcpts: []string{"a@y.test"}}
+var auditClientEnv = &ClientEnvelope{From: "s@x.test", Rcpts: []string{"a@y.test"}}
 
-// TestAuditDisconnects: a server that goes away at any step leaves every
+// TestAuditClientDisconnects: a server that goes away at any step leaves every
 // recipient without a definitive reply deferred, never delivered.
-func TestAuditDisconnects(t *testing.T) {
+func TestAuditClientDisconnects(t *testing.T) {
 	cases := []struct {
 		name   string
 		ext    []string
@@ -138,7 +138,7 @@ func TestAuditDisconnects(t *testing.T) {
 			for _, c := range []string{"MAIL", "RCPT", "RCPT", "RCPT"} {
 				p.expect(c)
 			}
-			p.bdat()
+			p.auditBDAT()
 			p.send("250 ok", "250 ok", "550 5.1.1 no", "250 ok")
 		}, []string{"deferred", "bounced", "deferred"}},
 		{"half a reply to the dot", []string{"PIPELINING"}, func(p *clientPeer) {
@@ -164,15 +164,15 @@ func TestAuditDisconnects(t *testing.T) {
 			if c.Usable() {
 				t.Error("connection usable after the server went away")
 			}
-			auditWantFates(t, res, err, tc.fates...)
+			auditClientFates(t, res, err, tc.fates...)
 			wait()
 		})
 	}
 }
 
-// TestAudit421EveryStep: 421 to any command ends the session; every
+// TestAuditClient421EveryStep: 421 to any command ends the session; every
 // recipient is deferred and the connection is not used again.
-func TestAudit421EveryStep(t *testing.T) {
+func TestAuditClient421EveryStep(t *testing.T) {
 	const r421 = "421 4.3.2 closing"
 	t.Run("greeting, EHLO, HELO", func(t *testing.T) {
 		for _, script := range []func(p *clientPeer){
@@ -233,7 +233,7 @@ func TestAudit421EveryStep(t *testing.T) {
 				if step > 2 {
 					want[1] = "bounced" // its 550 came before the 421
 				}
-				auditWantFates(t, res, err, want...)
+				auditClientFates(t, res, err, want...)
 				c.Close()
 				wait()
 			})
@@ -247,8 +247,8 @@ func TestAudit421EveryStep(t *testing.T) {
 		})
 		c := clientDial(t, clientTestConfig(), addr)
 		c.ResetNext()
-		res, err := c.Send(clientTestCtx(t), auditEnv1, []byte("x\r\n"))
-		auditWantFates(t, res, err, "deferred")
+		res, err := c.Send(clientTestCtx(t), auditClientEnv, []byte("x\r\n"))
+		auditClientFates(t, res, err, "deferred")
 		if c.Usable() {
 			t.Error("usable after 421")
 		}
@@ -257,11 +257,11 @@ func TestAudit421EveryStep(t *testing.T) {
 	})
 }
 
-// TestAuditResetRefused: a negative reply to RSET says nothing about the
+// TestAuditClientResetRefused: a negative reply to RSET says nothing about the
 // messages behind it. They must be retried, not bounced (RFC 5321
 // §4.1.1.5: RSET cannot fail on a sane server; a 5xx means the session is
 // out of step).
-func TestAuditResetRefused(t *testing.T) {
+func TestAuditClientResetRefused(t *testing.T) {
 	t.Run("Send after ResetNext", func(t *testing.T) {
 		addr, wait := clientScript(t, func(p *clientPeer) {
 			p.hello("PIPELINING")
@@ -273,11 +273,11 @@ func TestAuditResetRefused(t *testing.T) {
 		})
 		c := clientDial(t, clientTestConfig(), addr)
 		c.ResetNext()
-		res, err := c.Send(clientTestCtx(t), auditEnv1, []byte("x\r\n"))
+		res, err := c.Send(clientTestCtx(t), auditClientEnv, []byte("x\r\n"))
 		if err == nil || c.Usable() {
 			t.Errorf("err %v, usable %v: want an error and an unusable connection", err, c.Usable())
 		}
-		auditWantFates(t, res, err, "deferred")
+		auditClientFates(t, res, err, "deferred")
 		c.Close()
 		wait()
 	})
@@ -286,17 +286,17 @@ func TestAuditResetRefused(t *testing.T) {
 			p.hello("PIPELINING", "CHUNKING")
 			p.expect("MAIL")
 			p.expect("RCPT")
-			p.bdat()
+			p.auditBDAT()
 			p.expect("RSET")
 			p.send("250 ok", "250 ok", "250 2.0.0 queued", "502 5.5.1 RSET not implemented")
 			p.waitClose()
 		})
 		c := clientDial(t, clientTestConfig(), addr)
-		envs := []*ClientEnvelope{auditEnv1, auditEnv1, auditEnv1}
+		envs := []*ClientEnvelope{auditClientEnv, auditClientEnv, auditClientEnv}
 		res, errs := c.SendBatch(clientTestCtx(t), envs, [][]byte{[]byte("0\r\n"), []byte("1\r\n"), []byte("2\r\n")})
-		auditWantFates(t, res[0], errs[0], "delivered")
+		auditClientFates(t, res[0], errs[0], "delivered")
 		for i := 1; i < 3; i++ {
-			if got := auditFate(res[i], errs[i], 0); got != "deferred" {
+			if got := auditClientFate(res[i], errs[i], 0); got != "deferred" {
 				t.Errorf("txn %d: %s (err %v), want deferred", i, got, errs[i])
 			}
 		}
@@ -315,17 +315,17 @@ func TestAuditResetRefused(t *testing.T) {
 			p.waitClose()
 		})
 		c := clientDial(t, clientTestConfig(), addr)
-		res, errs := c.SendBatch(clientTestCtx(t), []*ClientEnvelope{auditEnv1, auditEnv1}, [][]byte{[]byte("0\r\n"), []byte("1\r\n")})
-		auditWantFates(t, res[0], errs[0], "deferred")
-		auditWantFates(t, res[1], errs[1], "deferred")
+		res, errs := c.SendBatch(clientTestCtx(t), []*ClientEnvelope{auditClientEnv, auditClientEnv}, [][]byte{[]byte("0\r\n"), []byte("1\r\n")})
+		auditClientFates(t, res[0], errs[0], "deferred")
+		auditClientFates(t, res[1], errs[1], "deferred")
 		c.Close()
 		wait()
 	})
 }
 
-// TestAuditRecipients: refusals of some recipients, and the "too many
+// TestAuditClientRecipients: refusals of some recipients, and the "too many
 // recipients" replies (RFC 5321 §4.5.3.1.10), per recipient.
-func TestAuditRecipients(t *testing.T) {
+func TestAuditClientRecipients(t *testing.T) {
 	cases := []struct {
 		name    string
 		ext     []string
@@ -372,7 +372,7 @@ func TestAuditRecipients(t *testing.T) {
 					for _, c := range []string{"MAIL", "RCPT", "RCPT", "RCPT"} {
 						p.expect(c)
 					}
-					p.bdat()
+					p.auditBDAT()
 					p.send(tc.replies...)
 				case pipe:
 					p.transaction(true, []string{"MAIL", "RCPT", "RCPT", "RCPT", "DATA"}, tc.replies, tc.final)
@@ -386,18 +386,18 @@ func TestAuditRecipients(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Send: %v", err)
 			}
-			auditWantFates(t, res, err, tc.fates...)
+			auditClientFates(t, res, err, tc.fates...)
 			c.Quit()
 			wait()
 		})
 	}
 }
 
-// TestAuditTimeouts: a server that stops answering, or answers forever a
+// TestAuditClientTimeouts: a server that stops answering, or answers forever a
 // little at a time, holds the client no longer than the step's timeout
 // (RFC 5321 §4.5.3.2). The bound checked is loose (the timeouts are 200 ms,
 // the bound 8 s): it catches a hang, not slowness.
-func TestAuditTimeouts(t *testing.T) {
+func TestAuditClientTimeouts(t *testing.T) {
 	const short = 200 * time.Millisecond
 	drip := func(p *clientPeer, line string) {
 		for i := 0; i < 2000; i++ {
@@ -450,7 +450,7 @@ func TestAuditTimeouts(t *testing.T) {
 				for _, c := range []string{"MAIL", "RCPT", "RCPT", "RCPT"} {
 					p.expect(c)
 				}
-				p.bdat()
+				p.auditBDAT()
 				p.send("250 ok", "250 ok", "250 ok", "250 ok")
 				p.waitClose()
 			}},
@@ -479,7 +479,7 @@ func TestAuditTimeouts(t *testing.T) {
 				t.Errorf("err %v, want a deadline error", err)
 			}
 			if !tc.dial {
-				auditWantFates(t, res, err, "deferred", "deferred", "deferred")
+				auditClientFates(t, res, err, "deferred", "deferred", "deferred")
 			}
 			wait()
 		})
@@ -504,7 +504,7 @@ func TestAuditTimeouts(t *testing.T) {
 		// Larger than the loopback socket buffers of both ends.
 		body := bytes.Repeat([]byte(strings.Repeat("y", 78)+"\r\n"), 400000)
 		start := time.Now()
-		res, err := c.Send(clientTestCtx(t), auditEnv1, body)
+		res, err := c.Send(clientTestCtx(t), auditClientEnv, body)
 		close(stop)
 		if el := time.Since(start); el > 8*time.Second {
 			t.Errorf("took %v with a %v data block timeout", el, short)
@@ -512,15 +512,15 @@ func TestAuditTimeouts(t *testing.T) {
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Errorf("err %v, want a deadline error", err)
 		}
-		auditWantFates(t, res, err, "deferred")
+		auditClientFates(t, res, err, "deferred")
 		c.Close()
 		wait()
 	})
 }
 
-// TestAuditRepliesBounded: a reply that never ends, or a line that never
+// TestAuditClientRepliesBounded: a reply that never ends, or a line that never
 // ends, is refused after a bounded amount of input.
-func TestAuditRepliesBounded(t *testing.T) {
+func TestAuditClientRepliesBounded(t *testing.T) {
 	flood := func(p *clientPeer, s string) {
 		for i := 0; i < 100000; i++ {
 			if _, err := p.conn.Write([]byte(s)); err != nil {
@@ -557,16 +557,16 @@ func TestAuditRepliesBounded(t *testing.T) {
 			p.quit()
 		})
 		c := clientDial(t, clientTestConfig(), addr)
-		res, err := c.Send(clientTestCtx(t), auditEnv1, []byte("x\r\n"))
-		auditWantFates(t, res, err, "bounced")
+		res, err := c.Send(clientTestCtx(t), auditClientEnv, []byte("x\r\n"))
+		auditClientFates(t, res, err, "bounced")
 		c.Quit()
 		wait()
 	})
 }
 
-// TestAuditOddGreetings: servers that talk out of turn, refuse the
+// TestAuditClientOddGreetings: servers that talk out of turn, refuse the
 // session, or refuse EHLO.
-func TestAuditOddGreetings(t *testing.T) {
+func TestAuditClientOddGreetings(t *testing.T) {
 	t.Run("554 greeting gets QUIT", func(t *testing.T) {
 		addr, wait := clientScript(t, func(p *clientPeer) {
 			p.send("554 5.7.1 go away")
@@ -584,7 +584,7 @@ func TestAuditOddGreetings(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			addr, wait := clientScript(t, func(p *clientPeer) {
 				p.conn.Write([]byte(tc.pre))
-				p.drain()
+				p.auditDrain()
 			})
 			_, err := Dial(clientTestCtx(t), clientTestConfig(), "mx.test", addr)
 			if !errors.Is(err, ErrClientProtocol) || !smtperr.IsTemporary(err) {
@@ -605,11 +605,11 @@ func TestAuditOddGreetings(t *testing.T) {
 			p.send("250 ok")
 			p.expect("RCPT")
 			p.send("250 ok")
-			p.drain()
+			p.auditDrain()
 		})
 		c := clientDial(t, clientTestConfig(), addr)
-		res, err := c.Send(clientTestCtx(t), auditEnv1, []byte("x\r\n"))
-		auditWantFates(t, res, err, "deferred")
+		res, err := c.Send(clientTestCtx(t), auditClientEnv, []byte("x\r\n"))
+		auditClientFates(t, res, err, "deferred")
 		c.Close()
 		wait()
 	})
@@ -624,8 +624,8 @@ func TestAuditOddGreetings(t *testing.T) {
 			p.quit()
 		})
 		c := clientDial(t, clientTestConfig(), addr)
-		res, err := c.Send(clientTestCtx(t), auditEnv1, []byte("x\r\n"))
-		auditWantFates(t, res, err, "delivered")
+		res, err := c.Send(clientTestCtx(t), auditClientEnv, []byte("x\r\n"))
+		auditClientFates(t, res, err, "delivered")
 		c.Quit()
 		wait()
 	})
@@ -644,9 +644,9 @@ func TestAuditOddGreetings(t *testing.T) {
 	})
 }
 
-// TestAuditSlowPipelining: a server that offers PIPELINING but answers one
+// TestAuditClientSlowPipelining: a server that offers PIPELINING but answers one
 // reply per packet, slowly.
-func TestAuditSlowPipelining(t *testing.T) {
+func TestAuditClientSlowPipelining(t *testing.T) {
 	addr, wait := clientScript(t, func(p *clientPeer) {
 		p.hello("PIPELINING")
 		for _, c := range []string{"MAIL", "RCPT", "RCPT", "RCPT", "DATA"} {
@@ -666,14 +666,14 @@ func TestAuditSlowPipelining(t *testing.T) {
 	})
 	c := clientDial(t, clientTestConfig(), addr)
 	res, err := c.Send(clientTestCtx(t), clientEnv3, []byte("x\r\n"))
-	auditWantFates(t, res, err, "delivered", "bounced", "delivered")
+	auditClientFates(t, res, err, "delivered", "bounced", "delivered")
 	c.Quit()
 	wait()
 }
 
-// TestAuditRefusedBeforeSending: what the server says it cannot take is not
+// TestAuditClientRefusedBeforeSending: what the server says it cannot take is not
 // sent (RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8).
-func TestAuditRefusedBeforeSending(t *testing.T) {
+func TestAuditClientRefusedBeforeSending(t *testing.T) {
 	addr, wait := clientScript(t, func(p *clientPeer) {
 		p.hello("PIPELINING", "SIZE 100")
 		p.quit() // nothing else: every message is refused before MAIL
@@ -701,9 +701,9 @@ func TestAuditRefusedBeforeSending(t *testing.T) {
 	wait()
 }
 
-// TestAuditSTARTTLSFailures: with TLS required nothing goes out in clear
+// TestAuditClientSTARTTLSFailures: with TLS required nothing goes out in clear
 // text after a failed STARTTLS, whatever the server does.
-func TestAuditSTARTTLSFailures(t *testing.T) {
+func TestAuditClientSTARTTLSFailures(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		after func(p *clientPeer)
@@ -736,7 +736,7 @@ func TestAuditSTARTTLSFailures(t *testing.T) {
 					p.hello("PIPELINING", "STARTTLS")
 					p.expect("STARTTLS\r\n")
 					tc.after(p)
-					rest = p.drain()
+					rest = p.auditDrain()
 				})
 				cfg := clientTestConfig()
 				cfg.TLS = mode
@@ -760,11 +760,11 @@ func TestAuditSTARTTLSFailures(t *testing.T) {
 	}
 }
 
-// TestAudit8BitToSevenBitServer: a server without 8BITMIME cannot take
+// TestAuditClient8BitToSevenBitServer: a server without 8BITMIME cannot take
 // 8-bit content (RFC 6152 §3), but a message merely declared BODY=8BITMIME
 // whose content is 7-bit is plain RFC 5321 mail: it is sent, without the
 // parameter the server does not know.
-func TestAudit8BitToSevenBitServer(t *testing.T) {
+func TestAuditClient8BitToSevenBitServer(t *testing.T) {
 	for _, chunk := range []bool{false, true} {
 		t.Run(fmt.Sprintf("chunking %v", chunk), func(t *testing.T) {
 			addr, wait := clientScript(t, func(p *clientPeer) {
@@ -772,7 +772,7 @@ func TestAudit8BitToSevenBitServer(t *testing.T) {
 					p.hello("PIPELINING", "CHUNKING")
 					p.expect("MAIL FROM:<s@x.test>\r\n")
 					p.expect("RCPT")
-					p.bdat()
+					p.auditBDAT()
 					p.send("250 ok", "250 ok", "250 queued")
 				} else {
 					p.hello("PIPELINING")
@@ -786,19 +786,19 @@ func TestAudit8BitToSevenBitServer(t *testing.T) {
 			_, err := c.Send(ctx, env, []byte("caf\xc3\xa9\r\n"))
 			clientWantSMTPErr(t, err, 554, "5.6.3")
 			res, err := c.Send(ctx, env, []byte("Subject: plain\r\n\r\nseven bits\r\n"))
-			auditWantFates(t, res, err, "delivered")
+			auditClientFates(t, res, err, "delivered")
 			c.Quit()
 			wait()
 		})
 	}
 }
 
-// TestAuditExtraReply: a server that sends more replies than commands is
+// TestAuditClientExtraReply: a server that sends more replies than commands is
 // out of step: the surplus would be read as the replies of the next
 // transaction on the connection. With CHUNKING there is no 354 to catch
 // it, so a refused message was counted delivered. The connection must not
 // be reused.
-func TestAuditExtraReply(t *testing.T) {
+func TestAuditClientExtraReply(t *testing.T) {
 	for _, chunk := range []bool{true, false} {
 		t.Run(fmt.Sprintf("chunking %v", chunk), func(t *testing.T) {
 			addr, wait := clientScript(t, func(p *clientPeer) {
@@ -806,7 +806,7 @@ func TestAuditExtraReply(t *testing.T) {
 					p.hello("PIPELINING", "CHUNKING")
 					p.expect("MAIL")
 					p.expect("RCPT")
-					p.bdat()
+					p.auditBDAT()
 					p.send("250 ok", "250 ok", "250 2.0.0 queued", "250 2.0.0 queued")
 					// The next transaction, if any, is refused.
 					if _, err := p.r.Peek(1); err != nil {
@@ -814,7 +814,7 @@ func TestAuditExtraReply(t *testing.T) {
 					}
 					p.expect("MAIL")
 					p.expect("RCPT")
-					p.bdat()
+					p.auditBDAT()
 					p.send("250 ok", "250 ok", "451 4.3.0 failed")
 				} else {
 					p.hello("PIPELINING")
@@ -822,15 +822,15 @@ func TestAuditExtraReply(t *testing.T) {
 					// used again: the next transaction gets no reply.
 					p.transaction(true, []string{"MAIL", "RCPT", "DATA"}, []string{"250 ok", "250 ok", "354 go"}, "250 2.0.0 queued\r\n250 2.0.0 queued")
 				}
-				p.drain()
+				p.auditDrain()
 			})
 			c := clientDial(t, clientTestConfig(), addr)
 			ctx := clientTestCtx(t)
-			res, err := c.Send(ctx, auditEnv1, []byte("0\r\n"))
-			auditWantFates(t, res, err, "delivered")
+			res, err := c.Send(ctx, auditClientEnv, []byte("0\r\n"))
+			auditClientFates(t, res, err, "delivered")
 			if c.Usable() {
-				res, err = c.Send(ctx, auditEnv1, []byte("1\r\n"))
-				auditWantFates(t, res, err, "deferred")
+				res, err = c.Send(ctx, auditClientEnv, []byte("1\r\n"))
+				auditClientFates(t, res, err, "deferred")
 			}
 			c.Close()
 			wait()
