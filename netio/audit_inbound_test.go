@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hermod-mta/hermod/internal/smtperr"
 )
 
 // TestAuditTextLineDotStuffed: RFC 5321 §4.5.3.1.6 limits a text line to
@@ -148,5 +150,56 @@ func TestAuditOutcomeClientClosed(t *testing.T) {
 	m := srv.Metrics().SessionOutcomes
 	if m["client_closed"] != 1 || m["error"] != 0 {
 		t.Fatalf("outcomes %v, want one client_closed", m)
+	}
+}
+
+// TestAuditRefusedGreeting: RFC 5321 §3.1 lets a server refuse a client
+// with 554 in place of the 220 greeting, but it "MUST still wait for the
+// client to send a QUIT before closing the connection and SHOULD respond
+// to any intervening commands with 503". A 421 greeting (§3.8) and 521
+// (RFC 7504: the host accepts no mail) close at once. Nothing of the
+// refused session reaches the backend.
+func TestAuditRefusedGreeting(t *testing.T) {
+	blocked := smtperr.New(554, "5.7.1", "Error: connections from 192.0.2.1 are blocked by policy")
+	cases := []struct {
+		name   string
+		refuse *smtperr.Error
+		in     string
+		want   string // reply codes, greeting included
+		act    Action
+	}{
+		{"554 then quit", blocked, "QUIT\r\n", "554 221", ActClose},
+		{"554 commands then quit", blocked, hello + "MAIL FROM:<a@x.test>\r\nSTARTTLS\r\nQUIT\r\n", "554 503 503 503 221", ActClose},
+		{"554 errors", blocked, strings.Repeat("NOOP\r\n", 10), "554 503 503 503 503 503 421", ActClose},
+		{"421 closes", smtperr.New(421, "4.7.0", "busy"), "QUIT\r\n", "421", ActClose},
+		{"521 closes", smtperr.New(521, "5.3.2", "no mail here"), "QUIT\r\n", "521", ActClose},
+	}
+	for _, c := range cases {
+		for _, chunk := range []int{0, 1} {
+			t.Run(fmt.Sprintf("%s/chunk%d", c.name, chunk), func(t *testing.T) {
+				b := &fakeBackend{refuse: c.refuse}
+				out, act := runSession(t, testConfig(), b, c.in, chunk)
+				checkReplies(t, out)
+				if codes(out) != c.want || act != c.act {
+					t.Fatalf("got %s %v, want %s %v:\n%s", codes(out), act, c.want, c.act, out)
+				}
+				if len(b.msgs) != 0 {
+					t.Fatalf("refused session committed %d messages", len(b.msgs))
+				}
+			})
+		}
+	}
+	// Over the network: the 554 client stays connected until its QUIT.
+	srv, addr := startServer(t, ServerConfig{}, &fakeBackend{refuse: blocked}, nil)
+	d := dial(t, addr)
+	d.expect("554 5.7.1")
+	d.send(hello)
+	d.expect("503 ")
+	d.send("QUIT\r\n")
+	d.expect("221 ")
+	d.expectClosed()
+	waitActive(t, srv, 0)
+	if n := srv.Metrics().SessionOutcomes["refused"]; n != 1 {
+		t.Fatalf("refused sessions: %d, want 1", n)
 	}
 }

@@ -377,8 +377,10 @@ func (h *handler) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 	now := time.Now().UnixNano()
 	c.lastActive.Store(now)
 	c.track(now)
-	if act == ActClose {
+	if act == ActClose || c.sess.Refused() {
 		c.outcome = "refused"
+	}
+	if act == ActClose {
 		return out, gnet.Close
 	}
 	return out, gnet.None

@@ -179,6 +179,7 @@ var (
 	errTLSInMail      = smtperr.New(503, "5.5.1", "Error: MAIL transaction in progress")
 	errTLSPipelined   = smtperr.New(554, "5.5.1", "Error: data pipelined after STARTTLS; closing connection")
 	errAddrLiteral    = smtperr.New(553, "5.1.3", "Error: address literals are not accepted as recipient domains")
+	errRefused        = smtperr.New(503, "5.7.1", "Error: connection refused; only QUIT is accepted")
 )
 
 // Session is the server side of one SMTP connection as a pure state machine:
@@ -199,6 +200,9 @@ type Session struct {
 	// connected is set once Connect accepted the connection, until Abort
 	// reports its end (Disconnecter).
 	connected bool
+	// refused is set when Connect refused the connection with a 5xx
+	// greeting: only QUIT is accepted then (RFC 5321 §3.1).
+	refused bool
 
 	phase    Phase
 	quit     bool
@@ -245,16 +249,25 @@ func (s *Session) Phase() Phase { return s.phase }
 // so a client dribbling them is still cut off by the command timeout.
 func (s *Session) Progress() uint64 { return s.progress }
 
+// Refused reports whether the greeting refused the connection.
+func (s *Session) Refused() bool { return s.refused }
+
 // Quit reports whether the client ended the session with QUIT.
 func (s *Session) Quit() bool { return s.quit }
 
 // Info returns the connection information.
 func (s *Session) Info() *ConnInfo { return &s.info }
 
-// Greeting appends the opening 220 reply (or the backend's refusal, in
-// which case it returns ActClose).
+// Greeting appends the opening 220 reply, or the backend's refusal. A
+// 421 (or 521, RFC 7504) refusal returns ActClose. After a 554 the session
+// stays open until the client's QUIT, answering every other command with
+// 503, as RFC 5321 §3.1 requires; Refused then reports true.
 func (s *Session) Greeting(out []byte) ([]byte, Action) {
 	if r := s.b.Connect(&s.info); r != nil {
+		if r.Code >= 500 && r.Code != 521 {
+			s.refused = true
+			return r.AppendReply(out), ActNone
+		}
 		s.phase = PhaseClosed
 		return r.AppendReply(out), ActClose
 	}
@@ -447,6 +460,9 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 	isMailRcpt := bytes.EqualFold(verb, []byte("MAIL")) || bytes.EqualFold(verb, []byte("RCPT"))
 	if len(line)+2 > maxCommandLine && !(isMailRcpt && len(line)+2 <= maxMailRcptLine) {
 		return s.fail(out, errLineTooLong)
+	}
+	if s.refused && !eqVerb(verb, "QUIT") {
+		return s.fail(out, errRefused)
 	}
 	switch {
 	case eqVerb(verb, "EHLO"):
