@@ -203,3 +203,27 @@ func TestAuditRefusedGreeting(t *testing.T) {
 		t.Fatalf("refused sessions: %d, want 1", n)
 	}
 }
+
+// TestAuditHalfCloseSTARTTLS: a client that has shut down its sending side
+// cannot negotiate TLS, so a STARTTLS pipelined behind its message is
+// refused (502) rather than answered 220 and dropped.
+func TestAuditHalfCloseSTARTTLS(t *testing.T) {
+	b := &asyncBackend{delay: 200 * time.Millisecond}
+	_, addr := startServer(t, ServerConfig{}, b, selfSigned(t))
+	d := dial(t, addr)
+	d.expect("220 ")
+	d.send(hello)
+	d.expect("250-mx.test")
+	d.send(tx + "DATA\r\nSubject: t\r\n\r\nhello\r\n.\r\nSTARTTLS\r\nQUIT\r\n")
+	if err := d.c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	_ = d.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	rest, err := io.ReadAll(d.r)
+	if err != nil {
+		t.Fatalf("reading replies: %v (got %q)", err, rest)
+	}
+	if got, want := codes(string(rest)), "250 250 354 250 502 221"; got != want {
+		t.Fatalf("replies %s, want %s: %q", got, want, rest)
+	}
+}

@@ -415,6 +415,7 @@ func (h *handler) handOffHalfClosed(c *conn) bool {
 	pending := append(make([]byte, 0, len(in)+64<<10), in...)
 	c.handedOff = true
 	c.tlsMode.Store(true) // no more wake-ups nor ticker: the goroutine owns c
+	c.sess.tls = false    // a client that sends no more cannot negotiate TLS
 	h.s.tlsWG.Add(1)
 	go h.s.serveHalfClosed(c, fd, pending)
 	return true

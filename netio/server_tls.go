@@ -170,7 +170,7 @@ func (s *Server) runBlocking(c *conn, nc net.Conn, buf []byte) string {
 			}
 			return "protocol_error"
 		case ActStartTLS:
-			return "protocol_error" // cannot happen: TLS is already active
+			return "protocol_error" // cannot happen: TLS is active or not offered
 		}
 		phase := c.sess.Phase()
 		if p := c.sess.Progress(); p != progress || phase != lastPhase {
