@@ -306,7 +306,19 @@ func (s *Scheduler) connect(a *agent, j *job, dv *delivery) (*smtperr.Error, boo
 			if s.ctx.Err() != nil {
 				return smtperr.New(451, "4.3.2", "delivery interrupted by shutdown"), false, false
 			}
-			c, err := netio.Dial(s.ctx, &s.cfg.ClientConfig, h.Name, netip.AddrPortFrom(ip, uint16(s.cfg.Port)))
+			addr := netip.AddrPortFrom(ip, uint16(s.cfg.Port))
+			c, err := netio.Dial(s.ctx, &s.cfg.ClientConfig, h.Name, addr)
+			if err != nil && s.cfg.TLS == netio.TLSOpportunistic && errors.Is(err, netio.ErrClientTLSHandshake) && s.ctx.Err() == nil {
+				// Opportunistic TLS gives way to an MX whose TLS does not
+				// interoperate: the mail goes in clear on a new connection
+				// rather than waiting for a handshake that keeps failing
+				// (Postfix's TLS_README, "may" level).
+				s.log.Warn("TLS handshake failed, delivering without TLS", "mx", h.Name, "ip", ip.String(), "err", err)
+				s.m.tlsFallbacks.Add(1)
+				plain := s.cfg.ClientConfig
+				plain.TLS = netio.TLSDisabled
+				c, err = netio.Dial(s.ctx, &plain, h.Name, addr)
+			}
 			if err != nil {
 				last = smtperr.Classify(err)
 				if last.Code == 451 && last.Enhanced == "4.3.0" {

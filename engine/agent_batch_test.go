@@ -27,6 +27,10 @@ type batchSink struct {
 	// afterDot counts messages whose end of data arrived together with
 	// the next command: the client pipelined it behind the message.
 	afterDot int
+	// brokenTLS offers STARTTLS, answers it 220 and then sends garbage
+	// instead of a handshake; starttls counts those.
+	brokenTLS bool
+	starttls  int
 }
 
 func startBatchSink(t testing.TB) (*batchSink, netip.AddrPort) {
@@ -77,7 +81,20 @@ func (b *batchSink) serve(c net.Conn) {
 		verb := strings.ToUpper(line[:min(4, len(line))])
 		switch verb {
 		case "EHLO":
-			w.WriteString("250-sink\r\n250-PIPELINING\r\n250 SIZE 10000000\r\n")
+			w.WriteString("250-sink\r\n")
+			if b.brokenTLS {
+				w.WriteString("250-STARTTLS\r\n")
+			}
+			w.WriteString("250-PIPELINING\r\n250 SIZE 10000000\r\n")
+		case "STAR":
+			b.mu.Lock()
+			b.starttls++
+			b.mu.Unlock()
+			w.WriteString("220 2.0.0 go ahead\r\n")
+			w.Flush()
+			time.Sleep(10 * time.Millisecond) // after the client's ClientHello
+			c.Write([]byte("this is not TLS\r\n"))
+			return
 		case "MAIL", "RSET":
 			rcpts = rcpts[:0]
 			w.WriteString("250 2.0.0 ok\r\n")

@@ -10,19 +10,20 @@ import (
 var deliveryOutcomes = []string{"delivered", "deferred", "bounced", "expired"}
 
 type schedCounters struct {
-	outcomes   [4]atomic.Int64
-	dsns       atomic.Int64
-	overflow   atomic.Int64 // enqueues left to the spool scan
-	destFull   atomic.Int64 // admissions refused by a full destination queue
-	scanned    atomic.Int64 // messages admitted from the due index
-	staleConns atomic.Int64 // cached connections found closed by the server
-	requeued   atomic.Int64 // jobs put back because a destination capped connections
-	activeMsgs atomic.Int64
-	ready      atomic.Int64
-	conns      atomic.Int64
-	busy       atomic.Int64
-	idle       atomic.Int64
-	latency    prometheus.Histogram
+	outcomes     [4]atomic.Int64
+	dsns         atomic.Int64
+	overflow     atomic.Int64 // enqueues left to the spool scan
+	destFull     atomic.Int64 // admissions refused by a full destination queue
+	scanned      atomic.Int64 // messages admitted from the due index
+	staleConns   atomic.Int64 // cached connections found closed by the server
+	tlsFallbacks atomic.Int64 // opportunistic TLS handshakes failed, mail sent in clear
+	requeued     atomic.Int64 // jobs put back because a destination capped connections
+	activeMsgs   atomic.Int64
+	ready        atomic.Int64
+	conns        atomic.Int64
+	busy         atomic.Int64
+	idle         atomic.Int64
+	latency      prometheus.Histogram
 }
 
 func (m *schedCounters) outcome(o string) {
@@ -53,6 +54,7 @@ type SchedulerMetrics struct {
 	IdleConnections int64
 	ScanAdmitted    int64 // messages admitted from the spool's due index
 	Overflow        int64 // new messages left to the spool scan (active set full)
+	TLSFallbacks    int64 // connections made again without TLS after a failed opportunistic handshake
 }
 
 // Metrics returns a snapshot of the counters.
@@ -67,6 +69,7 @@ func (s *Scheduler) Metrics() SchedulerMetrics {
 		IdleConnections: s.m.idle.Load(),
 		ScanAdmitted:    s.m.scanned.Load(),
 		Overflow:        s.m.overflow.Load(),
+		TLSFallbacks:    s.m.tlsFallbacks.Load(),
 	}
 	for i, name := range deliveryOutcomes {
 		m.Outcomes[name] = s.m.outcomes[i].Load()
@@ -79,6 +82,7 @@ var (
 	descDSN        = prometheus.NewDesc("hermod_bounces_queued_total", "Delivery status notifications generated and queued.", nil, nil)
 	descQueue      = prometheus.NewDesc("hermod_queue_size", "Queue size by state: active messages in memory, ready transactions, all messages in the spool.", []string{"state"}, nil)
 	descOutConns   = prometheus.NewDesc("hermod_outbound_connections", "Outbound SMTP connections by state.", []string{"state"}, nil)
+	descTLSFall    = prometheus.NewDesc("hermod_outbound_tls_fallbacks_total", "Connections made again without TLS because an opportunistic STARTTLS handshake failed.", nil, nil)
 )
 
 // Collector returns a Prometheus collector for the scheduler's metrics.
@@ -87,7 +91,7 @@ func (s *Scheduler) Collector() prometheus.Collector { return schedCollector{s} 
 type schedCollector struct{ s *Scheduler }
 
 func (c schedCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDeliveries, descDSN, descQueue, descOutConns} {
+	for _, d := range []*prometheus.Desc{descDeliveries, descDSN, descQueue, descOutConns, descTLSFall} {
 		ch <- d
 	}
 	c.s.m.latency.Describe(ch)
@@ -104,5 +108,6 @@ func (c schedCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(c.s.st.Stats().Messages), "spool")
 	ch <- prometheus.MustNewConstMetric(descOutConns, prometheus.GaugeValue, float64(m.BusyConnections), "busy")
 	ch <- prometheus.MustNewConstMetric(descOutConns, prometheus.GaugeValue, float64(m.IdleConnections), "idle")
+	ch <- prometheus.MustNewConstMetric(descTLSFall, prometheus.CounterValue, float64(m.TLSFallbacks))
 	c.s.m.latency.Collect(ch)
 }

@@ -140,7 +140,10 @@ type ClientConfig struct {
 	// Dial has port 0. Default: 25.
 	Port int `toml:"port"`
 
-	// TLS says whether to use STARTTLS. Default: "opportunistic".
+	// TLS says whether to use STARTTLS: "opportunistic" (when offered,
+	// unverified; the scheduler delivers in clear on a new connection to
+	// an MX whose handshake fails), "required" (verified, never in clear)
+	// or "disabled". Default: "opportunistic".
 	TLS TLSMode `toml:"tls"`
 
 	// TLSConfig is the base TLS configuration (RootCAs, MinVersion,
@@ -264,6 +267,12 @@ func (c ClientConfig) Validate() error {
 // *smtperr.Error, by Dial's errors about STARTTLS: required but not offered
 // or refused, or a failed handshake.
 var ErrClientTLS = errors.New("netio: client: STARTTLS failed")
+
+// ErrClientTLSHandshake is wrapped, with ErrClientTLS, by Dial's error when
+// the server accepted STARTTLS but the handshake failed (or the connection
+// dropped during it): with TLSOpportunistic the caller may deliver to that
+// MX again with TLSDisabled, as Postfix does.
+var ErrClientTLSHandshake = errors.New("netio: client: TLS handshake failed")
 
 // ErrClientUnusable is returned by operations on a connection that an
 // earlier error, a 421 reply, Quit or Close has made unusable.
@@ -535,7 +544,7 @@ func (c *ClientConn) startTLS() error {
 	if err := tc.Handshake(); err != nil {
 		c.broken = true
 		c.log.Debug("TLS handshake failed", "err", err)
-		return fmt.Errorf("%w: %w", ErrClientTLS,
+		return fmt.Errorf("%w: %w: %w", ErrClientTLS, ErrClientTLSHandshake,
 			smtperr.New(421, "4.7.5", "TLS handshake with %s failed: %v", c.mx, err))
 	}
 	st := tc.ConnectionState()
