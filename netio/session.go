@@ -777,16 +777,23 @@ func (s *Session) data(arg []byte, out []byte) ([]byte, Action) {
 	return replyData.AppendReply(out), ActNone
 }
 
-// bodyCap picks the initial body buffer size from the declared SIZE.
+// bodyCap picks the initial body buffer size from the declared SIZE (or
+// BDAT chunk size), at most maxBodyPrealloc: what a client merely declares
+// must not reserve memory (ten thousand connections declaring 1 MiB and
+// then trickling would otherwise hold 10 GiB); beyond it the buffer grows
+// with the data actually received.
 func bodyCap(declared int64) int {
-	if declared > 0 && declared <= 1<<20 {
+	if declared > 0 && declared <= maxBodyPrealloc-512 {
 		return int(declared) + 512
 	}
-	if declared > 1<<20 {
-		return 1 << 20
+	if declared > 0 {
+		return maxBodyPrealloc
 	}
 	return 4096
 }
+
+// maxBodyPrealloc bounds bodyCap.
+const maxBodyPrealloc = 64 << 10
 
 // readData consumes complete lines of DATA content. It returns the bytes
 // consumed, whether the terminating <CRLF>.<CRLF> was read, and whether the

@@ -417,3 +417,42 @@ func (benchBackend) Connect(*ConnInfo) *smtperr.Error                      { ret
 func (benchBackend) Mail(*Envelope) *smtperr.Error                         { return nil }
 func (benchBackend) Rcpt(*Envelope, string) *smtperr.Error                 { return nil }
 func (benchBackend) Data(_ *Envelope, _ []byte, done func(*smtperr.Error)) { done(replyOK) }
+
+// TestBodyCapBounded checks that the body buffer reserved for a message is
+// bounded whatever SIZE (or BDAT chunk size) the client declares: memory
+// follows the data received, not the client's claims.
+func TestBodyCapBounded(t *testing.T) {
+	for _, tc := range []struct {
+		declared int64
+		want     int
+	}{
+		{0, 4096},
+		{1024, 1024 + 512},
+		{maxBodyPrealloc - 512, maxBodyPrealloc},
+		{maxBodyPrealloc, maxBodyPrealloc},
+		{1 << 20, maxBodyPrealloc},
+		{1 << 40, maxBodyPrealloc},
+	} {
+		if got := bodyCap(tc.declared); got != tc.want {
+			t.Errorf("bodyCap(%d) = %d, want %d", tc.declared, got, tc.want)
+		}
+	}
+	cfg := testConfig()
+	cfg.MaxMessageSize = 2 << 20
+	s := NewSession(cfg, &fakeBackend{}, ConnInfo{}, false, func(*smtperr.Error) {})
+	in := []byte(hello + "MAIL FROM:<a@example.test> SIZE=1000000\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+	var out []byte
+	for len(in) > 0 {
+		n, o, _ := s.Feed(in, out)
+		out, in = o, in[n:]
+		if n == 0 {
+			break
+		}
+	}
+	if !bytes.Contains(out, []byte("354")) {
+		t.Fatalf("no 354: %q", out)
+	}
+	if c := cap(s.body); c > maxBodyPrealloc {
+		t.Fatalf("DATA with SIZE=1000000 reserved %d bytes before any content", c)
+	}
+}
