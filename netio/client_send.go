@@ -631,6 +631,9 @@ func (c *ClientConn) precheck(env *ClientEnvelope, body []byte) (int64, bool, er
 	if size <= 0 {
 		size = int64(len(body))
 	}
+	if utf8 && c.exts&clientExtSMTPUTF8 == 0 && c.downgradeUTF8(env, body) {
+		utf8 = false
+	}
 	switch {
 	case utf8 && c.exts&clientExtSMTPUTF8 == 0:
 		return 0, false, smtperr.New(554, "5.6.7", "%s does not support SMTPUTF8, which this message needs", c.mx)
@@ -859,6 +862,30 @@ func clientCheckEnvelope(env *ClientEnvelope) error {
 }
 
 // clientNeedsUTF8 reports whether the transaction needs SMTPUTF8.
+// downgradeUTF8 reports whether a message declared SMTPUTF8 may go without
+// it to a server lacking the extension: nothing in it needs SMTPUTF8 (RFC
+// 6531 §3.2 forbids only sending what does). Its addresses and header
+// section are ASCII, and its body is ASCII or declared 8-bit to a server
+// offering 8BITMIME. Postfix sends such mail the same way.
+func (c *ClientConn) downgradeUTF8(env *ClientEnvelope, body []byte) bool {
+	if !env.SMTPUTF8 || !clientASCII(env.From) {
+		return false
+	}
+	for _, r := range env.Rcpts {
+		if !clientASCII(r) {
+			return false
+		}
+	}
+	header := body
+	if i := bytes.Index(body, []byte("\r\n\r\n")); i >= 0 {
+		header = body[:i]
+	}
+	if !clientASCII(header) {
+		return false
+	}
+	return clientASCII(body) || env.Body8Bit && c.exts&clientExt8BitMIME != 0
+}
+
 func clientNeedsUTF8(env *ClientEnvelope) bool {
 	if env.SMTPUTF8 || !clientASCII(env.From) {
 		return true

@@ -713,6 +713,46 @@ func TestClient8BitAndUTF8(t *testing.T) {
 		c.Quit()
 		wait()
 	})
+	t.Run("declared SMTPUTF8, not needed", func(t *testing.T) {
+		// A server without SMTPUTF8 gets, without the parameter, a message
+		// declared SMTPUTF8 whose addresses and header section are ASCII
+		// (its body 8-bit only with BODY=8BITMIME offered); one that needs
+		// it is still refused.
+		addr, wait := clientScript(t, func(p *clientPeer) {
+			p.hello("PIPELINING", "8BITMIME")
+			p.transaction(true,
+				[]string{"MAIL FROM:<a@x.test>\r\n", "RCPT TO:<b@y.test>\r\n", "DATA\r\n"},
+				[]string{"250 ok", "250 ok", "354 go"}, "250 queued")
+			p.transaction(true,
+				[]string{"MAIL FROM:<a@x.test> BODY=8BITMIME\r\n", "RCPT TO:<b@y.test>\r\n", "DATA\r\n"},
+				[]string{"250 ok", "250 ok", "354 go"}, "250 queued")
+			p.quit()
+		})
+		c := clientDial(t, clientTestConfig(), addr)
+		ctx := clientTestCtx(t)
+		for _, tc := range []struct {
+			env  ClientEnvelope
+			body string
+			sent bool
+		}{
+			{ClientEnvelope{From: "a@x.test", Rcpts: []string{"b@y.test"}, SMTPUTF8: true}, "Subject: hi\r\n\r\nplain\r\n", true},
+			{ClientEnvelope{From: "a@x.test", Rcpts: []string{"b@y.test"}, SMTPUTF8: true, Body8Bit: true}, "Subject: hi\r\n\r\ncaf\xc3\xa9\r\n", true},
+			{ClientEnvelope{From: "a@x.test", Rcpts: []string{"b@y.test"}, SMTPUTF8: true}, "Subject: caf\xc3\xa9\r\n\r\nplain\r\n", false},
+			{ClientEnvelope{From: "a@x.test", Rcpts: []string{"b@y.test"}, SMTPUTF8: true}, "Subject: hi\r\n\r\ncaf\xc3\xa9\r\n", false},
+			{ClientEnvelope{From: "a@x.test", Rcpts: []string{"jürgen@y.test"}, SMTPUTF8: true}, "Subject: hi\r\n\r\nplain\r\n", false},
+		} {
+			_, err := c.Send(ctx, &tc.env, []byte(tc.body))
+			if tc.sent {
+				if err != nil {
+					t.Fatalf("%+v %q: %v", tc.env, tc.body, err)
+				}
+				continue
+			}
+			clientWantSMTPErr(t, err, 554, "5.6.7")
+		}
+		c.Quit()
+		wait()
+	})
 	t.Run("dsn", func(t *testing.T) {
 		addr, wait := clientScript(t, func(p *clientPeer) {
 			p.hello("PIPELINING", "DSN")
