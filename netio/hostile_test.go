@@ -761,10 +761,15 @@ func TestHostileOutputBacklog(t *testing.T) {
 	}
 	defer c.Close()
 	c.(*net.TCPConn).SetReadBuffer(4096)
-	// EHLO, not NOOP: past 100 NOOPs the junk-command limit would end the
-	// session first (see TestSessionJunkCommands).
-	flood := bytes.Repeat([]byte("EHLO client.test\r\n"), 64<<10/18)
+	// RCPT past the recipient limit, not NOOP or EHLO: past 100 of those
+	// the junk-command limit would end the session first (see
+	// TestSessionJunkCommands), while 452 to surplus recipients is flow
+	// control, not an error.
+	flood := bytes.Repeat([]byte("RCPT TO:<b@y.test>\r\n"), 64<<10/20)
 	_ = c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Write([]byte("EHLO client.test\r\nMAIL FROM:<a@x.test>\r\n")); err != nil {
+		t.Fatal(err)
+	}
 	sent := 0
 	for sent < 256<<20 {
 		n, err := c.Write(flood)

@@ -378,6 +378,10 @@ func (s *Session) Resume(r *smtperr.Error, out []byte) ([]byte, Action) {
 	if !r.Positive() {
 		return s.fail(out, r)
 	}
+	// A message accepted forgives the errors and junk commands before it
+	// (as Postfix does): a long session of a bulk sender, with RSETs and
+	// a few refused recipients between its messages, is not cut off.
+	s.errors, s.junkCmds = 0, 0
 	return r.AppendReply(out), ActNone
 }
 
@@ -465,10 +469,14 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 		return s.fail(out, errRefused)
 	}
 	switch {
-	case eqVerb(verb, "EHLO"):
-		return s.helo(arg, true, out)
-	case eqVerb(verb, "HELO"):
-		return s.helo(arg, false, out)
+	case eqVerb(verb, "EHLO"), eqVerb(verb, "HELO"):
+		// Counted as junk too: repeated greetings move no mail.
+		errs := s.errors
+		out, act := s.helo(arg, eqVerb(verb, "EHLO"), out)
+		if act != ActNone || s.errors != errs {
+			return out, act
+		}
+		return s.junk(out)
 	case eqVerb(verb, "MAIL"):
 		return s.reply(out, s.mail(arg))
 	case eqVerb(verb, "RCPT"):
@@ -526,9 +534,10 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 }
 
 // maxJunk is the number of commands that move no mail (NOOP, RSET, VRFY,
-// HELP) a session may send before each further one counts as an error, so
-// that a client cannot hold a connection open forever with them (Postfix's
-// smtpd_junk_command_limit).
+// HELP, EHLO/HELO, an empty BDAT that is not LAST) a session may send
+// between accepted messages before each further one counts as an error,
+// so that a client cannot hold a connection open forever with them
+// (Postfix's smtpd_junk_command_limit).
 const maxJunk = 100
 
 // junk counts a command that moves no mail; past maxJunk it counts as an
@@ -989,7 +998,12 @@ func (s *Session) bdat(arg []byte, out []byte) ([]byte, Action) {
 		s.bodySize = 0
 	}
 	if sz == 0 {
-		return s.endBDAT(out)
+		out, act := s.endBDAT(out)
+		if !last && act == ActNone {
+			// An empty chunk that is not the last moves no mail.
+			return s.junk(out)
+		}
+		return out, act
 	}
 	return out, ActNone
 }

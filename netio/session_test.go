@@ -306,11 +306,46 @@ func TestSessionJunkCommands(t *testing.T) {
 	if n := strings.Count(out, "250 2.0.0 Ok\r\n"); n != maxJunk+cfg.MaxErrors {
 		t.Fatalf("%d NOOPs answered before 421, want %d", n, maxJunk+cfg.MaxErrors)
 	}
-	// Real work in between does not reset the count, but a normal session
-	// never gets near it.
-	out, act = runSession(t, cfg, &fakeBackend{}, strings.Repeat("NOOP\r\n", maxJunk)+hello+tx+"DATA\r\nx\r\n.\r\nQUIT\r\n", 0)
-	if act != ActClose || !strings.HasSuffix(out, "221 2.0.0 Bye\r\n") {
+	// An accepted message resets the count (as Postfix does).
+	in := strings.Repeat("NOOP\r\n", maxJunk) + hello + tx + "DATA\r\nx\r\n.\r\n" + strings.Repeat("NOOP\r\n", maxJunk) + "QUIT\r\n"
+	out, act = runSession(t, cfg, &fakeBackend{}, in, 0)
+	if act != ActClose || !strings.HasSuffix(out, "221 2.0.0 Bye\r\n") || strings.Contains(out, "421") {
 		t.Fatalf("a session within the limit was cut: %q", out[max(0, len(out)-80):])
+	}
+	// Repeated greetings and empty BDAT chunks are junk too.
+	for _, junk := range []string{hello, "HELO client.test\r\n", "BDAT 0\r\n"} {
+		pre := hello
+		if junk == "BDAT 0\r\n" {
+			pre = hello + tx
+		}
+		out, act = runSession(t, cfg, &fakeBackend{}, pre+strings.Repeat(junk, maxJunk+10), 0)
+		if act != ActClose || !strings.HasSuffix(out, "421 4.7.0 Error: too many errors, closing connection\r\n") {
+			t.Fatalf("%q flood: action %v, ends %q", junk, act, out[max(0, len(out)-80):])
+		}
+	}
+}
+
+// TestSessionErrorsForgiven: a long session whose messages each come
+// with an RSET and a refused recipient (errors) is not cut off, since each
+// accepted message forgives what came before it; errors without an
+// accepted message in between still end the session.
+func TestSessionErrorsForgiven(t *testing.T) {
+	cfg := testConfig() // MaxErrors 5
+	b := &fakeBackend{}
+	var in strings.Builder
+	in.WriteString(hello)
+	const n = 3 * maxJunk
+	for range n {
+		in.WriteString("RSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<c@elsewhere.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\n")
+	}
+	in.WriteString("QUIT\r\n")
+	out, act := runSession(t, cfg, b, in.String(), 0)
+	if act != ActClose || !strings.HasSuffix(out, "221 2.0.0 Bye\r\n") || len(b.msgs) != n {
+		t.Fatalf("%d of %d messages accepted, ends %q", len(b.msgs), n, out[max(0, len(out)-80):])
+	}
+	out, act = runSession(t, cfg, &fakeBackend{}, hello+strings.Repeat("RCPT TO:<c@elsewhere.test>\r\n", cfg.MaxErrors+1), 0)
+	if act != ActClose || !strings.HasSuffix(out, "421 4.7.0 Error: too many errors, closing connection\r\n") {
+		t.Fatalf("errors without mail: action %v, ends %q", act, out[max(0, len(out)-80):])
 	}
 }
 
