@@ -761,13 +761,13 @@ func TestHostileOutputBacklog(t *testing.T) {
 	}
 	defer c.Close()
 	c.(*net.TCPConn).SetReadBuffer(4096)
-	// RCPT past the recipient limit, not NOOP or EHLO: past 100 of those
-	// the junk-command limit would end the session first (see
-	// TestSessionJunkCommands), while 452 to surplus recipients is flow
-	// control, not an error.
-	flood := bytes.Repeat([]byte("RCPT TO:<b@y.test>\r\n"), 64<<10/20)
+	// Whole transactions, not NOOP, EHLO or surplus RCPTs: past 100 of
+	// those (1000 RCPTs) the error limits would end the session first (see
+	// TestSessionJunkCommands, TestSessionRecipientOvershoot), while each
+	// accepted message forgives what came before it.
+	flood := bytes.Repeat([]byte("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\n"), 64<<10/56)
 	_ = c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-	if _, err := c.Write([]byte("EHLO client.test\r\nMAIL FROM:<a@x.test>\r\n")); err != nil {
+	if _, err := c.Write([]byte("EHLO client.test\r\n")); err != nil {
 		t.Fatal(err)
 	}
 	sent := 0

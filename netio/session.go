@@ -213,6 +213,7 @@ type Session struct {
 
 	env       *Envelope // current transaction, nil when none
 	rcptTried bool      // a RCPT was given in this transaction
+	overshoot int       // RCPTs past MaxRecipients in this transaction
 
 	// Message content being received.
 	body     []byte
@@ -413,6 +414,7 @@ func (s *Session) Abort() {
 func (s *Session) resetTxn() {
 	s.env = nil
 	s.rcptTried = false
+	s.overshoot = 0
 	s.body = nil
 	s.dataErr = nil
 	s.midLine = false
@@ -486,7 +488,12 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 			// the client sends the rest in another transaction). Counted
 			// as errors, a pipelined list longer than MaxRecipients +
 			// MaxErrors would end in 421 and the transaction would never
-			// get through (Postfix: smtpd_recipient_overshoot_limit).
+			// get through. Past maxOvershoot surplus recipients they do
+			// count, so that they cannot hold a session open forever
+			// (Postfix: smtpd_recipient_overshoot_limit).
+			if s.overshoot++; s.overshoot > maxOvershoot {
+				return s.fail(out, r)
+			}
 			return r.AppendReply(out), ActNone
 		}
 		return s.reply(out, r)
@@ -532,6 +539,11 @@ func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
 	}
 	return s.fail(out, errUnknownCommand)
 }
+
+// maxOvershoot is the number of recipients past MaxRecipients a
+// transaction may give before each further one counts as an error
+// (Postfix's smtpd_recipient_overshoot_limit).
+const maxOvershoot = 1000
 
 // maxJunk is the number of commands that move no mail (NOOP, RSET, VRFY,
 // HELP, EHLO/HELO, an empty BDAT that is not LAST) a session may send

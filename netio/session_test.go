@@ -349,6 +349,35 @@ func TestSessionErrorsForgiven(t *testing.T) {
 	}
 }
 
+// TestSessionRecipientOvershoot: recipients past MaxRecipients get 452
+// without counting as errors, so that a long pipelined list still gets
+// its first MaxRecipients through; past maxOvershoot of them each counts,
+// and the session ends with 421 after MaxErrors more.
+func TestSessionRecipientOvershoot(t *testing.T) {
+	cfg := testConfig() // MaxRecipients 100, MaxErrors 5
+	rcpts := func(n int) string {
+		var b strings.Builder
+		for i := range n {
+			fmt.Fprintf(&b, "RCPT TO:<r%d@y.test>\r\n", i)
+		}
+		return b.String()
+	}
+	b := &fakeBackend{}
+	in := hello + "MAIL FROM:<a@x.test>\r\n" + rcpts(cfg.MaxRecipients+maxOvershoot) + "DATA\r\nx\r\n.\r\nQUIT\r\n"
+	out, act := runSession(t, cfg, b, in, 0)
+	if act != ActClose || !strings.HasSuffix(out, "221 2.0.0 Bye\r\n") || len(b.msgs) != 1 || len(b.msgs[0].env.Rcpts) != cfg.MaxRecipients {
+		t.Fatalf("within the overshoot: %d messages, ends %q", len(b.msgs), out[max(0, len(out)-80):])
+	}
+	in = hello + "MAIL FROM:<a@x.test>\r\n" + rcpts(cfg.MaxRecipients+maxOvershoot+cfg.MaxErrors+10)
+	out, act = runSession(t, cfg, &fakeBackend{}, in, 0)
+	if act != ActClose || !strings.HasSuffix(out, "421 4.7.0 Error: too many errors, closing connection\r\n") {
+		t.Fatalf("past the overshoot: action %v, ends %q", act, out[max(0, len(out)-80):])
+	}
+	if n := strings.Count(out, "452 4.5.3"); n != maxOvershoot+cfg.MaxErrors {
+		t.Fatalf("%d surplus recipients answered before 421, want %d", n, maxOvershoot+cfg.MaxErrors)
+	}
+}
+
 func TestSessionMaxRecipients(t *testing.T) {
 	var in strings.Builder
 	in.WriteString(hello + "MAIL FROM:<a@x.test>\r\n")
