@@ -728,7 +728,15 @@ func (c *ClientConn) readReset() error {
 	switch {
 	case err != nil:
 		return c.ioError("RSET", err)
-	case rep.Code/100 != 2 && rep.Code != 421:
+	case rep.Code == 421:
+		// The server was closing before this transaction began: an idle
+		// timeout or shutdown notice waiting in a cached connection's
+		// socket (Postfix's smtpd sends "421 4.4.2 ... timeout
+		// exceeded"). No reply is about the messages, so the caller may
+		// send them again at once on a new connection.
+		c.broken = true
+		return fmt.Errorf("netio: client: %s closed the connection before the transaction: %w", c.mx, rep)
+	case rep.Code/100 != 2:
 		c.broken = true
 		return fmt.Errorf("netio: client: %s RSET: %w: refused with %v", c.mx, ErrClientProtocol, rep)
 	}
