@@ -45,7 +45,7 @@ func parseMailbox(path []byte, mail bool) (string, mbKind) {
 		return "postmaster", mbPostmaster
 	}
 	local, domain, ok := splitMailbox(path)
-	if !ok || len(local) == 0 || len(local) > maxLocalPart || len(domain) == 0 || len(domain) > maxDomain {
+	if !ok || len(local) == 0 || len(domain) == 0 || len(domain) > maxDomain {
 		return "", mbBad
 	}
 	utf := false

@@ -22,9 +22,12 @@ const (
 	maxTextLine = 1000
 	// maxPath is the longest reverse- or forward-path, brackets included.
 	maxPath = 256
-	// maxLocalPart and maxDomain bound the parts of a mailbox.
-	maxLocalPart = 64
-	maxDomain    = 255
+	// maxDomain bounds the domain of a mailbox. The local part is bounded
+	// only by maxPath: RFC 5321 §4.5.3.1.1 sets 64 octets but §4.5.3.1
+	// asks servers to impose no limit where they can, and senders' VERP
+	// and SRS return paths (which encode a whole recipient address) run
+	// longer; Postfix and Exim accept them too.
+	maxDomain = 255
 )
 
 // Phase is where a Session is in the protocol.
