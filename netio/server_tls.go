@@ -57,13 +57,7 @@ func (s *Server) serveTLS(c *conn, fd int) {
 		return
 	}
 	tc := tls.Server(nc, cfg)
-	var gen net.Conn = tc
-	c.netConn.Store(&gen)
-	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed {
-		tc.Close()
+	if !s.adopt(c, tc) {
 		outcome = "shutdown"
 		return
 	}
@@ -99,17 +93,25 @@ func (s *Server) serveHalfClosed(c *conn, fd int, pending []byte) {
 	if err != nil {
 		return
 	}
+	if !s.adopt(c, nc) {
+		outcome = "shutdown"
+		return
+	}
+	defer nc.Close()
+	outcome = s.runBlocking(c, nc, pending)
+}
+
+// adopt publishes nc as c's connection (so that Shutdown can close it) and
+// reports whether the server still runs; when it does not, nc is closed.
+func (s *Server) adopt(c *conn, nc net.Conn) bool {
 	c.netConn.Store(&nc)
 	s.mu.Lock()
 	closed := s.closed
 	s.mu.Unlock()
 	if closed {
 		nc.Close()
-		outcome = "shutdown"
-		return
 	}
-	defer nc.Close()
-	outcome = s.runBlocking(c, nc, pending)
+	return !closed
 }
 
 // runBlocking drives a session over a blocking connection until it ends and
