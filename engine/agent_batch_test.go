@@ -34,12 +34,18 @@ type batchSink struct {
 }
 
 func startBatchSink(t testing.TB) (*batchSink, netip.AddrPort) {
+	b := &batchSink{got: map[string]int{}}
+	return b, serveLoopback(t, b.serve)
+}
+
+// serveLoopback listens on 127.0.0.1 and runs serve on a goroutine for
+// every connection until the test ends (which waits for them).
+func serveLoopback(t testing.TB, serve func(net.Conn)) netip.AddrPort {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &batchSink{got: map[string]int{}}
 	var wg sync.WaitGroup
 	t.Cleanup(func() {
 		ln.Close()
@@ -56,11 +62,31 @@ func startBatchSink(t testing.TB) (*batchSink, netip.AddrPort) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				b.serve(c)
+				serve(c)
 			}()
 		}
 	}()
-	return b, netip.MustParseAddrPort(ln.Addr().String())
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// testScheduler returns a scheduler over st delivering every domain to
+// addr without TLS, retrying after an hour, with edit applied to its
+// configuration (nil: none). It is not started.
+func testScheduler(t testing.TB, st *spool.Store, addr netip.AddrPort, edit func(*DeliveryConfig)) *Scheduler {
+	t.Helper()
+	cfg := DeliveryConfig{}
+	cfg.Hostname = "relay.test"
+	cfg.TLS = netio.TLSDisabled
+	cfg.Port = int(addr.Port())
+	cfg.Retry = []time.Duration{time.Hour}
+	if edit != nil {
+		edit(&cfg)
+	}
+	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 func (b *batchSink) serve(c net.Conn) {

@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hermod-mta/hermod/netio"
 	"github.com/hermod-mta/hermod/spool"
 )
 
@@ -29,33 +28,8 @@ type auditLimitSink struct {
 }
 
 func startAuditLimitSink(t *testing.T, perConn int) (*auditLimitSink, netip.AddrPort) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	b := &auditLimitSink{perConn: perConn, got: map[string]int{}}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				b.serve(c)
-			}()
-		}
-	}()
-	return b, netip.MustParseAddrPort(ln.Addr().String())
+	return b, serveLoopback(t, b.serve)
 }
 
 func (b *auditLimitSink) serve(c net.Conn) {
@@ -143,17 +117,10 @@ func (b *auditLimitSink) snapshot() map[string]int {
 func TestAuditAgentReusedBatchNotResent(t *testing.T) {
 	sink, addr := startAuditLimitSink(t, 5)
 	st := openStore(t)
-	cfg := DeliveryConfig{}
-	cfg.Hostname = "relay.test"
-	cfg.TLS = netio.TLSDisabled
-	cfg.Port = int(addr.Port())
-	cfg.MaxConnectionsPerDomain = 1
-	cfg.PipelineTransactions = 4
-	cfg.Retry = []time.Duration{time.Hour}
-	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := testScheduler(t, st, addr, func(cfg *DeliveryConfig) {
+		cfg.MaxConnectionsPerDomain = 1
+		cfg.PipelineTransactions = 4
+	})
 	// Batches of four: m0..m3 open the connection; m4 (too big), m5, m6
 	// and m7 reuse it. m5 is the connection's fifth message, m6 gets 421.
 	var ids []spool.ID
@@ -209,15 +176,7 @@ func TestAuditAgentTooManyRecipients552(t *testing.T) {
 	sink, addr := startAuditLimitSink(t, 100)
 	sink.rcptMax = 1
 	st := openStore(t)
-	cfg := DeliveryConfig{}
-	cfg.Hostname = "relay.test"
-	cfg.TLS = netio.TLSDisabled
-	cfg.Port = int(addr.Port())
-	cfg.Retry = []time.Duration{time.Hour}
-	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := testScheduler(t, st, addr, nil)
 	now := time.Now()
 	body := []byte("Subject: x\r\n\r\nbody\r\n")
 	msg := &spool.Message{

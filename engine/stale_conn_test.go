@@ -4,13 +4,11 @@ import (
 	"bufio"
 	"context"
 	"net"
-	"net/netip"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/hermod-mta/hermod/netio"
 	"github.com/hermod-mta/hermod/spool"
 )
 
@@ -19,90 +17,62 @@ import (
 // that reply waiting in the socket; the next message sent on the cached
 // connection must go out at once on a new connection, not be deferred.
 func TestIdleTimeoutReplyOnCachedConnection(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var (
 		mu    sync.Mutex
 		got   []string
 		conns int
-		wg    sync.WaitGroup
 	)
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	addr := serveLoopback(t, func(c net.Conn) {
+		mu.Lock()
+		conns++
+		first := conns == 1
+		mu.Unlock()
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		r, w := bufio.NewReader(c), bufio.NewWriter(c)
+		say := func(s string) { w.WriteString(s + "\r\n"); w.Flush() }
+		say("220 mx ESMTP")
 		for {
-			c, err := ln.Accept()
+			line, err := r.ReadString('\n')
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			conns++
-			first := conns == 1
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				r, w := bufio.NewReader(c), bufio.NewWriter(c)
-				say := func(s string) { w.WriteString(s + "\r\n"); w.Flush() }
-				say("220 mx ESMTP")
+			switch v := strings.ToUpper(line[:min(4, len(line))]); v {
+			case "EHLO":
+				say("250-mx\r\n250 PIPELINING")
+			case "MAIL", "RSET":
+				say("250 2.0.0 ok")
+			case "RCPT":
+				mu.Lock()
+				got = append(got, strings.TrimSpace(line))
+				mu.Unlock()
+				say("250 2.1.5 ok")
+			case "DATA":
+				say("354 go")
 				for {
-					line, err := r.ReadString('\n')
+					l, err := r.ReadString('\n')
 					if err != nil {
 						return
 					}
-					switch v := strings.ToUpper(line[:min(4, len(line))]); v {
-					case "EHLO":
-						say("250-mx\r\n250 PIPELINING")
-					case "MAIL", "RSET":
-						say("250 2.0.0 ok")
-					case "RCPT":
-						mu.Lock()
-						got = append(got, strings.TrimSpace(line))
-						mu.Unlock()
-						say("250 2.1.5 ok")
-					case "DATA":
-						say("354 go")
-						for {
-							l, err := r.ReadString('\n')
-							if err != nil {
-								return
-							}
-							if l == ".\r\n" {
-								break
-							}
-						}
-						say("250 2.0.0 queued")
-						if first {
-							// The idle timeout of the first connection.
-							time.Sleep(50 * time.Millisecond)
-							say("421 4.4.2 mx Error: timeout exceeded")
-							return
-						}
-					case "QUIT":
-						say("221 bye")
-						return
+					if l == ".\r\n" {
+						break
 					}
 				}
-			}()
+				say("250 2.0.0 queued")
+				if first {
+					// The idle timeout of the first connection.
+					time.Sleep(50 * time.Millisecond)
+					say("421 4.4.2 mx Error: timeout exceeded")
+					return
+				}
+			case "QUIT":
+				say("221 bye")
+				return
+			}
 		}
-	}()
-	addr := netip.MustParseAddrPort(ln.Addr().String())
+	})
 	st := openStore(t)
-	cfg := DeliveryConfig{}
-	cfg.Hostname = "relay.test"
-	cfg.TLS = netio.TLSDisabled
-	cfg.Port = int(addr.Port())
-	cfg.MaxConnectionsPerDomain = 1
-	cfg.Retry = []time.Duration{time.Hour}
-	s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := testScheduler(t, st, addr, func(cfg *DeliveryConfig) { cfg.MaxConnectionsPerDomain = 1 })
 	s.Start()
 	defer s.Stop(context.Background())
 	send := func(rcpt string) {

@@ -25,15 +25,7 @@ func TestOpportunisticTLSFallback(t *testing.T) {
 			sink, addr := startBatchSink(t)
 			sink.brokenTLS = true
 			st := openStore(t)
-			cfg := DeliveryConfig{}
-			cfg.Hostname = "relay.test"
-			cfg.TLS = tc.mode
-			cfg.Port = int(addr.Port())
-			cfg.Retry = []time.Duration{time.Hour}
-			s, err := NewScheduler(cfg, SchedulerOptions{Store: st, Resolver: staticResolver{addr.Addr()}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			s := testScheduler(t, st, addr, func(cfg *DeliveryConfig) { cfg.TLS = tc.mode })
 			now := time.Now()
 			msg := &spool.Message{
 				ID: st.NewID(), From: "s@src.test", Received: now, ClientIP: "127.0.0.1", Helo: "src.test",
