@@ -197,6 +197,7 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 					outs[r].class = outDeferred
 				}
 			}
+			moreAtOnce(outs)
 			if n < len(live)-1 {
 				draws := make(drawList, len(j.rcpts))
 				for r := range draws {
@@ -215,6 +216,26 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 			}
 		}
 		return results
+	}
+}
+
+// moreAtOnce marks the recipients of one transaction that were deferred
+// for their number (enhanced code X.5.3: the server's recipient limit)
+// while others were delivered: they go again at once in a new transaction
+// (RFC 5321 §4.5.3.1.10), each one making progress, instead of waiting
+// for a backoff. When none was delivered they back off as usual.
+func moreAtOnce(outs []rcptOutcome) {
+	delivered := false
+	for _, o := range outs {
+		delivered = delivered || o.class == outDelivered
+	}
+	if !delivered {
+		return
+	}
+	for i, o := range outs {
+		if o.class == outDeferred && o.reply != nil && (o.reply.Enhanced == "4.5.3" || o.reply.Enhanced == "5.5.3") {
+			outs[i].class = outMore
+		}
 	}
 }
 

@@ -15,6 +15,10 @@ const (
 	outDelivered outcomeClass = iota // 2xx after the final dot
 	outDeferred                      // 4xx, network failure, timeout, unknown error
 	outBounced                       // 5xx, null MX, no such domain
+	// outMore: refused for their number (X.5.3, "too many recipients")
+	// in a transaction that delivered others: sent again at once, in a
+	// new transaction (RFC 5321 §4.5.3.1.10), not after a backoff.
+	outMore
 )
 
 func (c outcomeClass) String() string {
@@ -25,6 +29,8 @@ func (c outcomeClass) String() string {
 		return "deferred"
 	case outBounced:
 		return "bounced"
+	case outMore:
+		return "more"
 	}
 	return fmt.Sprintf("outcome(%d)", int(c))
 }
@@ -72,6 +78,9 @@ func transition(cfg *DeliveryConfig, msg *spool.Message, r spool.Recipient, clas
 	}
 	// The last retry happens when the lifetime ends, not after.
 	r.NextAttempt = minTime(now.Add(cfg.retryDelay(int(r.Attempts), u)), expires)
+	if class == outMore {
+		r.NextAttempt = now
+	}
 	return r, outDeferred, false
 }
 
