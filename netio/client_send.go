@@ -173,6 +173,9 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 	}
 	c.writeData(data, body)
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		if data == clientDataBody && c.earlyReply(res) {
+			return res, nil
+		}
 		return res, c.ioError("DATA body", err)
 	}
 	return res, c.readDataEnd(res, data, t354)
@@ -367,6 +370,9 @@ func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []b
 	}
 	c.writeData(clientDataBody, body)
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
+		if c.earlyReply(res) {
+			return res, nil
+		}
 		return res, c.ioError("DATA body", err)
 	}
 	return res, c.readDataEnd(res, clientDataBody, t354)
@@ -705,6 +711,30 @@ func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Err
 		return nil, fmt.Errorf("%w: unexpected reply %v", ErrClientProtocol, rep)
 	}
 	return rep, nil
+}
+
+// earlyReplyWait bounds the wait for a reply sent before the server stopped
+// reading a message body.
+const earlyReplyWait = 2 * time.Second
+
+// earlyReply looks, once the body could not be written, for a refusal the
+// server sent before it stopped reading (552 for a message over a limit it
+// did not advertise, 554 for refused content) and closed: Linux keeps such
+// a reply readable after the connection's reset. That reply is then the
+// message's outcome (res.Data) instead of a network error retried until
+// the message expires. The connection is unusable either way.
+func (c *ClientConn) earlyReply(res *SendResult) bool {
+	c.broken = true
+	if c.closing != nil {
+		return false
+	}
+	rep, err := c.readReply(earlyReplyWait, clientStepDot)
+	if err != nil || rep.Code/100 != 4 && rep.Code/100 != 5 {
+		return false
+	}
+	c.log.Debug("reply before the end of the message body", "reply", rep.Error())
+	res.Data = rep
+	return true
 }
 
 // checkInStep ends the use of the connection when input is waiting after

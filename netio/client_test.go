@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -1136,5 +1138,43 @@ func TestClientHeloName(t *testing.T) {
 		if got := clientHeloName(in); got != want {
 			t.Errorf("%s: got %s, want %s", in, got, want)
 		}
+	}
+}
+
+// TestClientEarlyReplyDuringData: a server that refuses a message while it
+// is still being sent (552, a size limit it did not advertise) and closes
+// the connection makes the body's write fail; the refusal it sent first is
+// the outcome, not a network error retried until the message expires.
+func TestClientEarlyReplyDuringData(t *testing.T) {
+	for _, pipe := range []bool{true, false} {
+		t.Run(fmt.Sprintf("pipelining=%v", pipe), func(t *testing.T) {
+			addr, wait := clientScript(t, func(p *clientPeer) {
+				if pipe {
+					p.hello("PIPELINING")
+				} else {
+					p.hello()
+				}
+				p.transaction(pipe, []string{"MAIL FROM:<a@x.test>\r\n", "RCPT TO:<b@y.test>\r\n", "DATA\r\n"},
+					[]string{"250 ok", "250 ok", "354 go"}, "")
+				buf := make([]byte, 64<<10)
+				if _, err := io.ReadFull(p.r, buf); err != nil {
+					t.Errorf("reading the body: %v", err)
+				}
+				p.send("552 5.3.4 Message size exceeds fixed limit")
+				time.Sleep(20 * time.Millisecond)
+			})
+			c := clientDial(t, clientTestConfig(), addr)
+			body := bytes.Repeat([]byte(strings.Repeat("x", 76)+"\r\n"), (16<<20)/78)
+			env := &ClientEnvelope{From: "a@x.test", Rcpts: []string{"b@y.test"}}
+			res, err := c.Send(clientTestCtx(t), env, body)
+			if err != nil {
+				t.Fatalf("Send: %v", err)
+			}
+			clientWantReply(t, "outcome", res.Outcome(0), 552, "5.3.4")
+			if c.Usable() {
+				t.Error("connection still usable")
+			}
+			wait()
+		})
 	}
 }
