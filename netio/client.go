@@ -28,7 +28,9 @@
 //     unusable and every recipient without a definitive reply is to be
 //     retried. Refusals decided before anything is sent (SIZE, 8BITMIME,
 //     SMTPUTF8) are a permanent *smtperr.Error and leave the connection
-//     usable.
+//     usable. When a DATA body cannot be written because the server
+//     refused the message early and closed, the reply it sent first is the
+//     result (no error; the connection is unusable).
 //   - A 421 reply to any command means the server is closing the channel:
 //     it becomes the reply to every command still outstanding, and the
 //     connection is unusable.
