@@ -38,6 +38,20 @@ func startBatchSink(t testing.TB) (*batchSink, netip.AddrPort) {
 	return b, serveLoopback(t, b.serve)
 }
 
+// skipData reads a message's data up to its final dot; false when the
+// connection ended first.
+func skipData(r *bufio.Reader) bool {
+	for {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			return false
+		}
+		if l == ".\r\n" {
+			return true
+		}
+	}
+}
+
 // serveLoopback listens on 127.0.0.1 and runs serve on a goroutine for
 // every connection until the test ends (which waits for them).
 func serveLoopback(t testing.TB, serve func(net.Conn)) netip.AddrPort {
@@ -139,14 +153,8 @@ func (b *batchSink) serve(c net.Conn) {
 			}
 			w.WriteString("354 go\r\n")
 			w.Flush()
-			for {
-				l, err := r.ReadString('\n')
-				if err != nil {
-					return
-				}
-				if l == ".\r\n" {
-					break
-				}
+			if !skipData(r) {
+				return
 			}
 			b.mu.Lock()
 			for _, a := range rcpts {

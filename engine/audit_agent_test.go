@@ -75,14 +75,8 @@ func (b *auditLimitSink) serve(c net.Conn) {
 		case "DATA":
 			w.WriteString("354 go\r\n")
 			w.Flush()
-			for {
-				l, err := r.ReadString('\n')
-				if err != nil {
-					return
-				}
-				if l == ".\r\n" {
-					break
-				}
+			if !skipData(r) {
+				return
 			}
 			b.mu.Lock()
 			for _, a := range rcpts {

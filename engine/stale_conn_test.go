@@ -49,14 +49,8 @@ func TestIdleTimeoutReplyOnCachedConnection(t *testing.T) {
 				say("250 2.1.5 ok")
 			case "DATA":
 				say("354 go")
-				for {
-					l, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if l == ".\r\n" {
-						break
-					}
+				if !skipData(r) {
+					return
 				}
 				say("250 2.0.0 queued")
 				if first {
