@@ -28,9 +28,13 @@
 //     unusable and every recipient without a definitive reply is to be
 //     retried. Refusals decided before anything is sent (SIZE, 8BITMIME,
 //     SMTPUTF8) are a permanent *smtperr.Error and leave the connection
-//     usable. When a DATA body cannot be written because the server
-//     refused the message early and closed, the reply it sent first is the
-//     result (no error; the connection is unusable).
+//     usable. When a message cannot be written because the server
+//     refused it early (a reply to DATA's content or to BDAT before its
+//     end) and closed, the reply it sent first is the result (no error;
+//     the connection is unusable). SendBatch likewise reads, after a
+//     failed write, the replies already sent for the transactions written
+//     before: each keeps the outcome its replies give (a 250 is a
+//     delivery), and only those without their replies get the error.
 //   - A 421 reply to any command means the server is closing the channel:
 //     it becomes the reply to every command still outstanding, and the
 //     connection is unusable.
@@ -328,6 +332,14 @@ type ClientConn struct {
 
 	// wtimeout is the write deadline applied by clientConnWriter.
 	wtimeout time.Duration
+	// wrote counts the octets the socket took from bw; wfailed is set by
+	// the first write error. When a write fails they tell which of the
+	// commands and messages buffered went out whole (see outPos).
+	wrote   int64
+	wfailed bool
+	// early, when set, bounds the wait for every reply: the replies the
+	// server sent before a write failed are being read (see earlyReplyWait).
+	early time.Time
 	// rwant is the deadline of the reply being read, applied by
 	// clientConnReader; rslack is how much earlier the socket's deadline
 	// may be (see clientSlack). rdl and wdl are the read and write
@@ -821,11 +833,17 @@ func (w clientConnWriter) Write(p []byte) (int, error) {
 	want := time.Now().Add(c.wtimeout)
 	if d := want.Sub(c.wdl); d < 0 || d > clientSlack(c.wtimeout) {
 		if err := c.conn.SetWriteDeadline(want); err != nil {
+			c.wfailed = true
 			return 0, err
 		}
 		c.wdl = want
 	}
-	return c.conn.Write(p)
+	n, err := c.conn.Write(p)
+	c.wrote += int64(n)
+	if err != nil {
+		c.wfailed = true
+	}
+	return n, err
 }
 
 // clientConnReader is the bufio.Reader's source: before reading the socket

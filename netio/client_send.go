@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -116,7 +117,11 @@ var ErrClientEnvelope = errors.New("netio: client: invalid envelope")
 // Otherwise the result holds every reply received. A non-nil error (network
 // error, timeout, cancelled ctx, malformed reply) means the transaction was
 // cut short and the connection is unusable; the partial result tells which
-// replies arrived (see SendResult.Outcome).
+// replies arrived (see SendResult.Outcome). A server that refuses the
+// message while it is being sent (552 for a size limit it did not
+// advertise, 554 for content, a 4xx) and closes makes the write fail: the
+// replies it sent first, read for up to earlyReplyWait, are then the
+// result, with no error (the connection is unusable).
 func (c *ClientConn) Send(ctx context.Context, env *ClientEnvelope, body []byte) (*SendResult, error) {
 	if !c.Usable() {
 		return nil, ErrClientUnusable
@@ -153,9 +158,6 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 		return c.sendLockStep(res, env, body, size, utf8, reset, start)
 	}
 	if c.exts&clientExtChunking != 0 {
-		if reset {
-			c.bw.WriteString("RSET\r\n")
-		}
 		return c.sendChunked(res, env, body, size, utf8, reset, start)
 	}
 	c.writeEnvelope(env, size, utf8, reset)
@@ -172,8 +174,9 @@ func (c *ClientConn) send(env *ClientEnvelope, body []byte, size int64, utf8 boo
 		return res, nil
 	}
 	c.writeData(data, body)
+	end := c.outPos()
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
-		if data == clientDataBody && c.earlyReply(res) {
+		if data == clientDataBody && c.earlyReply(res, end) {
 			return res, nil
 		}
 		return res, c.ioError("DATA body", err)
@@ -369,8 +372,9 @@ func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []b
 		return res, nil
 	}
 	c.writeData(clientDataBody, body)
+	end := c.outPos()
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
-		if c.earlyReply(res) {
+		if c.earlyReply(res, end) {
 			return res, nil
 		}
 		return res, c.ioError("DATA body", err)
@@ -383,15 +387,37 @@ func (c *ClientConn) sendLockStep(res *SendResult, env *ClientEnvelope, body []b
 // out in one write, and the replies come back in one round trip. The
 // message is sent as is (no dot-stuffing), its line endings normalised to
 // CRLF. A server must consume a BDAT chunk even when it refuses it, so the
-// connection stays in step when MAIL or every RCPT was refused.
+// connection stays in step when MAIL or every RCPT was refused. A server
+// may also answer a BDAT before its chunk and close (RFC 3030 §2): when the
+// write fails, the replies it sent first decide the result if they are
+// complete and end with a refusal.
 func (c *ClientConn) sendChunked(res *SendResult, env *ClientEnvelope, body []byte, size int64, utf8, reset bool, start time.Time) (*SendResult, error) {
+	begin := c.outPos()
+	if reset {
+		c.bw.WriteString("RSET\r\n")
+	}
 	c.writeChunked(env, body, size, utf8)
+	end := c.outPos()
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
-		return res, c.ioError("BDAT", err)
+		failed := c.ioError("BDAT", err)
+		if begin >= c.wrote {
+			// Nothing went out: no reply can be about this transaction.
+			return res, failed
+		}
+		c.early = time.Now().Add(earlyReplyWait)
+		_, err := c.readChunked(res, env, reset, time.Now(), end > c.wrote)
+		c.early = time.Time{}
+		if err != nil {
+			return res, failed
+		}
+		if res.Data != nil {
+			c.log.Debug("reply before the end of the BDAT chunk", "reply", res.Data.Error())
+		}
+		return res, nil
 	}
 	wrote := time.Now()
 	res.Timing.Wrote = wrote.Sub(start)
-	return c.readChunked(res, env, reset, wrote)
+	return c.readChunked(res, env, reset, wrote, false)
 }
 
 // writeChunked buffers MAIL, every RCPT and "BDAT n LAST" with the message.
@@ -409,8 +435,10 @@ func (c *ClientConn) writeChunked(env *ClientEnvelope, body []byte, size int64, 
 }
 
 // readChunked reads the replies of a transaction written by writeChunked
-// (after the reply to RSET when reset).
-func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset bool, wrote time.Time) (*SendResult, error) {
+// (after the reply to RSET when reset). partial says the transaction could
+// not be written whole: the reply to BDAT then counts only as an early
+// refusal (4xx or 5xx); anything else is an error.
+func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset bool, wrote time.Time, partial bool) (*SendResult, error) {
 	if reset {
 		if err := c.readReset(); err != nil {
 			return res, err
@@ -440,6 +468,9 @@ func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset boo
 	if err != nil {
 		return res, c.ioError("BDAT", err)
 	}
+	if partial && rep.Code/100 != 4 && rep.Code/100 != 5 {
+		return res, c.ioError("BDAT", fmt.Errorf("%w: reply %v to a chunk not sent whole", ErrClientProtocol, rep))
+	}
 	res.Timing.Acked = time.Since(wrote)
 	if mailOK && accepted > 0 {
 		res.Data = rep
@@ -467,7 +498,14 @@ func (c *ClientConn) readChunked(res *SendResult, env *ClientEnvelope, reset boo
 // transaction Send would refuse before sending (size, 8BITMIME, SMTPUTF8,
 // malformed envelope) gets its error and is skipped. When the connection
 // fails, the transactions whose replies had not all arrived get the error
-// (and the partial result); the connection is then unusable.
+// (and the partial result); the connection is then unusable. When a write
+// fails (the server refused a message while it was being sent and
+// closed), the replies the server had sent are read first, for up to
+// earlyReplyWait: a transaction written whole keeps the outcome its
+// replies give (a 250 is a delivery, not to be sent again), the one being
+// written takes its early refusal as with Send, and a transaction of which
+// nothing was written, or whose replies did not all arrive, gets the
+// error.
 func (c *ClientConn) SendBatch(ctx context.Context, envs []*ClientEnvelope, bodies [][]byte) ([]*SendResult, []error) {
 	results := make([]*SendResult, len(envs))
 	errs := make([]error, len(envs))
@@ -525,6 +563,10 @@ type clientPending struct {
 	size  int64
 	utf8  bool
 	reset bool // preceded by RSET
+	// begin and end are the output positions (outPos) of the
+	// transaction's first octet and of the octet after its last, in a
+	// batch written at once.
+	begin, end int64
 }
 
 // sendBatchChunked writes every transaction of sent at once (with CHUNKING)
@@ -535,27 +577,42 @@ func (c *ClientConn) sendBatchChunked(envs []*ClientEnvelope, bodies [][]byte, r
 		p := &sent[k]
 		p.reset = c.needReset || k > 0
 		c.needReset = false
+		p.begin = c.outPos()
 		if p.reset {
 			c.bw.WriteString("RSET\r\n")
 		}
 		c.writeChunked(envs[p.i], bodies[p.i], p.size, p.utf8)
+		p.end = c.outPos()
 	}
-	var failed error
+	// cut is the error of a failed write. The replies the server sent
+	// before it are still read, in order, for the transactions of which
+	// something was written: the earlier ones may have been delivered.
+	var cut, failed error
 	if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
-		failed = c.ioError("BDAT", err)
+		cut = c.ioError("BDAT", err)
+		c.early = time.Now().Add(earlyReplyWait)
 	}
 	wrote := time.Now()
 	for _, p := range sent {
-		if failed != nil {
+		switch {
+		case failed != nil:
 			errs[p.i] = failed
+			continue
+		case cut != nil && p.begin >= c.wrote:
+			errs[p.i] = cut
 			continue
 		}
 		results[p.i].Timing.Wrote = wrote.Sub(start)
-		if _, err := c.readChunked(results[p.i], envs[p.i], p.reset, wrote); err != nil {
+		partial := cut != nil && p.end > c.wrote
+		if _, err := c.readChunked(results[p.i], envs[p.i], p.reset, wrote, partial); err != nil {
+			if cut != nil {
+				err = cut
+			}
 			failed = err
 			errs[p.i] = err
 		}
 	}
+	c.early = time.Time{}
 }
 
 // sendBatchData runs the transactions of sent with DATA, pipelining the
@@ -589,8 +646,10 @@ func (c *ClientConn) sendBatchData(envs []*ClientEnvelope, bodies [][]byte, resu
 		t354 := time.Now()
 		res.Timing.Envelope = t354.Sub(start)
 		step := "MAIL"
+		var end int64
 		if data != clientDataNone {
 			c.writeData(data, bodies[p.i])
+			end = c.outPos()
 			step = "DATA body"
 		}
 		// The next envelope goes behind, unless the server is closing the
@@ -603,10 +662,15 @@ func (c *ClientConn) sendBatchData(envs []*ClientEnvelope, bodies [][]byte, resu
 			c.needReset = false
 			c.writeEnvelope(envs[next.i], next.size, next.utf8, next.reset)
 		}
-		if c.bw.Buffered() > 0 {
+		if c.bw.Buffered() > 0 || c.wfailed {
 			if err := c.flush(c.cfg.DataBlockTimeout); err != nil {
 				failed = c.ioError(step, err)
-				errs[p.i] = failed
+				// The messages before this one have all their replies;
+				// this one may have been refused early (the next
+				// envelope, behind it, is not read: it gets the error).
+				if data != clientDataBody || !c.earlyReply(res, end) {
+					errs[p.i] = failed
+				}
 				continue
 			}
 		}
@@ -697,6 +761,9 @@ func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Err
 	if c.closing != nil {
 		return c.closing, nil
 	}
+	if !c.early.IsZero() {
+		timeout = min(timeout, time.Until(c.early))
+	}
 	rep, err := c.readReply(timeout, step)
 	if err != nil {
 		return nil, err
@@ -713,8 +780,8 @@ func (c *ClientConn) reply(timeout time.Duration, step clientStep) (*smtperr.Err
 	return rep, nil
 }
 
-// earlyReplyWait bounds the wait for a reply sent before the server stopped
-// reading a message body.
+// earlyReplyWait bounds the wait for the replies sent before the server
+// stopped reading a message (a DATA body, a BDAT chunk, a batch).
 const earlyReplyWait = 2 * time.Second
 
 // earlyReply looks, once the body could not be written, for a refusal the
@@ -722,19 +789,42 @@ const earlyReplyWait = 2 * time.Second
 // did not advertise, 554 for refused content) and closed: Linux keeps such
 // a reply readable after the connection's reset. That reply is then the
 // message's outcome (res.Data) instead of a network error retried until
-// the message expires. The connection is unusable either way.
-func (c *ClientConn) earlyReply(res *SendResult) bool {
+// the message expires. end is the output position after the final dot: a
+// positive reply counts only when the dot went out whole (in a batch the
+// next envelope follows it in the same write). The connection is unusable
+// either way.
+func (c *ClientConn) earlyReply(res *SendResult, end int64) bool {
 	c.broken = true
 	if c.closing != nil {
 		return false
 	}
 	rep, err := c.readReply(earlyReplyWait, clientStepDot)
-	if err != nil || rep.Code/100 != 4 && rep.Code/100 != 5 {
+	if err != nil {
 		return false
 	}
-	c.log.Debug("reply before the end of the message body", "reply", rep.Error())
+	switch rep.Code / 100 {
+	case 4, 5:
+	case 2:
+		if end > c.wrote {
+			return false
+		}
+	default:
+		return false
+	}
+	c.log.Debug("reply read after the message could not be written", "reply", rep.Error())
 	res.Data = rep
 	return true
+}
+
+// outPos returns the output position of the next octet buffered: octets
+// the socket took since Dial plus those waiting in bw. Once a write failed
+// the positions of what is buffered after are unknown: it returns the
+// largest, so that such octets count as not written.
+func (c *ClientConn) outPos() int64 {
+	if c.wfailed {
+		return math.MaxInt64
+	}
+	return c.wrote + int64(c.bw.Buffered())
 }
 
 // checkInStep ends the use of the connection when input is waiting after
