@@ -2,8 +2,10 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -52,6 +54,7 @@ func (s *Scheduler) runAgent(a *agent, jobs []*job) {
 type delivery struct {
 	mx, ip          string
 	tls             bool
+	dsn             bool // the server offered DSN: NOTIFY went on with the mail
 	queue, dns, con time.Duration
 	xmit            time.Duration
 }
@@ -106,6 +109,14 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				env.Rcpts = append(env.Rcpts, msg.Rcpts[i].Addr)
 			}
 		}
+		for n, i := range j.rcpts {
+			if p := dsnRcptParams(&msg.Rcpts[i]); p != "" {
+				if env.RcptParams == nil {
+					env.RcptParams = make([]string, len(j.rcpts))
+				}
+				env.RcptParams[n] = p
+			}
+		}
 		envs = append(envs, env)
 		bodies = append(bodies, body)
 		live = append(live, k)
@@ -146,6 +157,7 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				return results
 			}
 		}
+		dv.dsn = a.conn.Has("DSN")
 		t0 := s.now()
 		srs, errs := a.conn.SendBatch(s.ctx, envs, bodies)
 		xmit := s.now().Sub(t0)
@@ -180,7 +192,7 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 		for n, k := range live {
 			a.sent++
 			j := jobs[k]
-			dvs[k].mx, dvs[k].ip, dvs[k].tls = dv.mx, dv.ip, dv.tls
+			dvs[k].mx, dvs[k].ip, dvs[k].tls, dvs[k].dsn = dv.mx, dv.ip, dv.tls, dv.dsn
 			dvs[k].dns, dvs[k].con, dvs[k].xmit = dv.dns, dv.con, xmit
 			outs := make([]rcptOutcome, len(j.rcpts))
 			for r := range j.rcpts {
@@ -383,7 +395,7 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 	res := &attemptResult{destFail: destFail}
 	updates := make([]spool.Recipient, len(j.rcpts))
 	events := make([]string, len(j.rcpts))
-	var failed []int
+	var failed, relayed []int
 	// Jobs of one message to several domains finish concurrently: one at a
 	// time updates the message.
 	j.e.mu.Lock()
@@ -405,6 +417,11 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 		case class == outDelivered:
 			res.delivered++
 			events[k] = "delivered"
+			if r.Notify&spool.NotifySuccess != 0 && !dv.dsn {
+				// The next hop took no NOTIFY: we report the success
+				// ourselves, as "relayed" (RFC 3461 §6.2.2).
+				relayed = append(relayed, k)
+			}
 		case expired:
 			res.bounced++
 			events[k] = "expired"
@@ -424,8 +441,8 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 	// spool's lazy_sync_delay, makes them durable). A bounce waits: its
 	// notification must not be sent twice.
 	update := s.st.UpdateLazy
-	if len(failed) > 0 {
-		s.bounce(msg, j, updates, failed, dv, now)
+	if len(failed) > 0 || len(relayed) > 0 {
+		s.notifySender(msg, updates, failed, relayed, dv, now)
 		update = s.st.Update
 	}
 	if removed, err := update(msg.ID, updates); err != nil {
@@ -488,7 +505,7 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 	}
 	update := s.st.UpdateLazy // as in recordWith
 	if len(expired) > 0 {
-		s.bounce(msg, j, updates, expired, &delivery{}, now)
+		s.notifySender(msg, updates, expired, nil, &delivery{}, now)
 		update = s.st.Update
 	}
 	if removed, err := update(msg.ID, updates); err != nil {
@@ -510,12 +527,18 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 	}
 }
 
-// bounce commits a delivery status notification for the failed recipients
-// (indexes into updates) to the message's sender, unless the sender is
-// null or the message is itself a notification. It is committed before the
-// recipients are marked failed.
-func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient, failed []int, dv *delivery, now time.Time) {
+// notifySender commits a delivery status notification to the message's
+// sender for the failed recipients and those relayed to a next hop without
+// DSN (indexes into updates), unless the sender is null, the message is
+// itself a notification, or no recipient's NOTIFY asks for one (BuildDSN
+// decides). It is committed before the recipients' new states, so that a
+// crash can repeat a notification but never lose one; when it cannot be
+// committed the failed recipients stay pending (they fail again later).
+func (s *Scheduler) notifySender(msg *spool.Message, updates []spool.Recipient, failed, relayed []int, dv *delivery, now time.Time) {
 	if msg.From == "" || msg.Bounce {
+		return
+	}
+	if len(failed) == 0 && !anyWants(updates, relayed) {
 		return
 	}
 	body, err := s.st.Body(msg.ID)
@@ -526,6 +549,11 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 	var rcpts []DSNRecipient
 	for _, k := range failed {
 		rcpt := DSNRecipientFor(&updates[k], DSNFailed) // Status derived from the reply
+		rcpt.RemoteMTA, rcpt.LastAttempt = dv.mx, now
+		rcpts = append(rcpts, rcpt)
+	}
+	for _, k := range relayed {
+		rcpt := DSNRecipientFor(&updates[k], DSNRelayed)
 		rcpt.RemoteMTA, rcpt.LastAttempt = dv.mx, now
 		rcpts = append(rcpts, rcpt)
 	}
@@ -566,4 +594,58 @@ func (s *Scheduler) bounce(msg *spool.Message, j *job, updates []spool.Recipient
 	}
 	s.m.dsns.Add(1)
 	s.Enqueue(bm, dsn.Body)
+}
+
+// anyWants reports whether one of the recipients at idx asked for a
+// success notification.
+func anyWants(updates []spool.Recipient, idx []int) bool {
+	for _, k := range idx {
+		if updates[k].Notify&spool.NotifySuccess != 0 && updates[k].Notify&spool.NotifyNever == 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// dsnRcptParams returns the DSN parameters of r to pass on in its RCPT
+// command ("NOTIFY=... ORCPT=..."), "" when the client gave none. An
+// ORCPT address with raw UTF-8 (allowed in an SMTPUTF8 transaction) goes
+// on in the \x{HHHH} form of RFC 6533 §3, valid without SMTPUTF8 too.
+func dsnRcptParams(r *spool.Recipient) string {
+	if r.Notify == 0 && r.ORcpt == "" {
+		return ""
+	}
+	var b strings.Builder
+	if r.Notify != 0 {
+		b.WriteString("NOTIFY=")
+		if r.Notify&spool.NotifyNever != 0 {
+			b.WriteString("NEVER")
+		} else {
+			sep := ""
+			for _, f := range [...]struct {
+				flag uint8
+				name string
+			}{{spool.NotifySuccess, "SUCCESS"}, {spool.NotifyFailure, "FAILURE"}, {spool.NotifyDelay, "DELAY"}} {
+				if r.Notify&f.flag != 0 {
+					b.WriteString(sep)
+					b.WriteString(f.name)
+					sep = ","
+				}
+			}
+		}
+	}
+	if r.ORcpt != "" {
+		if b.Len() > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString("ORCPT=")
+		for _, c := range r.ORcpt {
+			if c < 0x80 {
+				b.WriteRune(c)
+				continue
+			}
+			fmt.Fprintf(&b, "\\x{%X}", c)
+		}
+	}
+	return b.String()
 }

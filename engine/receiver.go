@@ -261,6 +261,8 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 		Received: start,
 		Body8Bit: env.Body8Bit,
 		SMTPUTF8: env.SMTPUTF8,
+		EnvID:    env.EnvID,
+		Ret:      env.Ret,
 		ClientIP: env.Conn.Remote.Addr().String(),
 		Helo:     env.Conn.Helo,
 		Rcpts:    make([]spool.Recipient, len(env.Rcpts)),
@@ -271,6 +273,10 @@ func (r *Receiver) Data(env *netio.Envelope, body []byte, done func(*smtperr.Err
 			a = postmaster // <postmaster>, accepted by Rcpt only when set
 		}
 		msg.Rcpts[i] = spool.Recipient{Index: uint16(i), Addr: a, Domain: netio.Domain(a), NextAttempt: start}
+		if env.RcptDSN != nil {
+			msg.Rcpts[i].Notify = spoolNotify(env.RcptDSN[i].Notify)
+			msg.Rcpts[i].ORcpt = env.RcptDSN[i].ORcpt
+		}
 	}
 	full := make([]byte, 0, len(body)+320)
 	full = appendReceived(full, env, r.opt.Hostname, msg.ID.String(), start)
@@ -399,4 +405,20 @@ func tlsVersionName(v uint16) string {
 		return "TLSv1.3"
 	}
 	return fmt.Sprintf("TLS(0x%04x)", v)
+}
+
+// spoolNotify converts the NOTIFY flags the server parsed to the spool's.
+func spoolNotify(n uint8) uint8 {
+	var f uint8
+	for _, m := range [...]struct{ from, to uint8 }{
+		{netio.NotifyNever, spool.NotifyNever},
+		{netio.NotifySuccess, spool.NotifySuccess},
+		{netio.NotifyFailure, spool.NotifyFailure},
+		{netio.NotifyDelay, spool.NotifyDelay},
+	} {
+		if n&m.from != 0 {
+			f |= m.to
+		}
+	}
+	return f
 }

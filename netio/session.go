@@ -113,6 +113,12 @@ type Envelope struct {
 	SMTPUTF8 bool
 	// Chunked is set when the content arrived with BDAT.
 	Chunked bool
+	// EnvID is the DSN ENVID parameter, xtext-decoded ("" when absent);
+	// Ret is RET=, "FULL" or "HDRS" ("" when absent). RFC 3461.
+	EnvID, Ret string
+	// RcptDSN holds the DSN parameters (NOTIFY, ORCPT) of Rcpts, index for
+	// index; nil while no accepted recipient gave any.
+	RcptDSN []RcptDSN
 }
 
 // Backend is the policy and storage behind sessions. It is implemented by
@@ -606,7 +612,7 @@ func (s *Session) helo(arg []byte, ehlo bool, out []byte) ([]byte, Action) {
 	out = append(out, s.cfg.Hostname...)
 	out = append(out, "\r\n250-PIPELINING\r\n250-SIZE "...)
 	out = strconv.AppendInt(out, s.cfg.MaxMessageSize, 10)
-	out = append(out, "\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n"...)
+	out = append(out, "\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n"...)
 	if s.tls {
 		out = append(out, "250-STARTTLS\r\n"...)
 	}
@@ -670,6 +676,18 @@ func (s *Session) mail(arg []byte) *smtperr.Error {
 				return errBadParam
 			}
 			env.SMTPUTF8 = true
+		case eqVerb(key, "RET"):
+			ret, ok := parseRet(val)
+			if !ok || env.Ret != "" {
+				return errDSNRet
+			}
+			env.Ret = ret
+		case eqVerb(key, "ENVID"):
+			id, ok := parseEnvID(val)
+			if !ok || env.EnvID != "" {
+				return errDSNEnvID
+			}
+			env.EnvID = id
 		default:
 			return errUnknownParam
 		}
@@ -734,8 +752,27 @@ func (s *Session) rcpt(arg []byte) *smtperr.Error {
 		return errRcptSyntax
 	}
 	s.rcptTried = true
-	if len(params) > 0 {
-		return errUnknownParam
+	var dsn RcptDSN
+	for len(params) > 0 {
+		var p []byte
+		p, params = nextParam(params)
+		key, val, _ := bytes.Cut(p, []byte("="))
+		switch {
+		case eqVerb(key, "NOTIFY"):
+			n, ok := parseNotify(val)
+			if !ok || dsn.Notify != 0 {
+				return errDSNNotify
+			}
+			dsn.Notify = n
+		case eqVerb(key, "ORCPT"):
+			o, ok := parseORcpt(val, s.env.SMTPUTF8)
+			if !ok || dsn.ORcpt != "" {
+				return errDSNORcpt
+			}
+			dsn.ORcpt = o
+		default:
+			return errUnknownParam
+		}
 	}
 	if len(s.env.Rcpts) >= s.cfg.MaxRecipients {
 		return errTooManyRcpts
@@ -758,6 +795,12 @@ func (s *Session) rcpt(arg []byte) *smtperr.Error {
 	}
 	if r := s.b.Rcpt(s.env, addr); r != nil {
 		return r
+	}
+	if s.env.RcptDSN == nil && dsn != (RcptDSN{}) {
+		s.env.RcptDSN = make([]RcptDSN, len(s.env.Rcpts), len(s.env.Rcpts)+1)
+	}
+	if s.env.RcptDSN != nil {
+		s.env.RcptDSN = append(s.env.RcptDSN, dsn)
 	}
 	s.env.Rcpts = append(s.env.Rcpts, addr)
 	return replyRcptOK

@@ -22,6 +22,7 @@ func FuzzSession(f *testing.F) {
 		"HELO x\r\nMAIL FROM:<@a,@b:c@d> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<\"q\\\"x\"@y>\r\nDATA\r\n.\r\n",
 		strings.Repeat("A", 1100) + "\r\nNOOP\r\n",
 		hello + tx + "DATA\r\n" + strings.Repeat("z", 1200) + "\r\n.\r\n",
+		hello + "MAIL FROM:<a@x.test> RET=FULL ENVID=a+2Bb SMTPUTF8\r\nRCPT TO:<b@y.test> NOTIFY=SUCCESS,DELAY ORCPT=utf-8;\xc3\xbc+2B@y\r\nRCPT TO:<c@y.test> NOTIFY=NEVER\r\nDATA\r\nx\r\n.\r\n",
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s), uint8(3))
@@ -56,6 +57,14 @@ func FuzzSession(f *testing.F) {
 			}
 			if len(m.env.Rcpts) == 0 {
 				t.Fatalf("message committed without recipients")
+			}
+			if m.env.RcptDSN != nil && len(m.env.RcptDSN) != len(m.env.Rcpts) {
+				t.Fatalf("%d recipients, %d DSN parameter sets", len(m.env.Rcpts), len(m.env.RcptDSN))
+			}
+			for _, d := range m.env.RcptDSN {
+				if d.Notify&NotifyNever != 0 && d.Notify != NotifyNever {
+					t.Fatalf("NOTIFY=NEVER combined with other flags: %b", d.Notify)
+				}
 			}
 		}
 	})

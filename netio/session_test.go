@@ -170,7 +170,7 @@ func TestSessionReplies(t *testing.T) {
 		{"size malformed", hello + "MAIL FROM:<a@x.test> SIZE=abc\r\n", "250 501", ActNone, 0},
 		{"body binarymime", hello + "MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n", "250 555", ActNone, 0},
 		{"unknown mail param", hello + "MAIL FROM:<a@x.test> FOO=BAR\r\n", "250 555", ActNone, 0},
-		{"rcpt param", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test> NOTIFY=NEVER\r\n", "250 250 555", ActNone, 0},
+		{"unknown rcpt param", hello + "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test> FOO=BAR\r\n", "250 250 555", ActNone, 0},
 		{"local part past 64 (VERP)", hello + "MAIL FROM:<bounces+" + strings.Repeat("a", 100) + "=y.test@x.test>\r\n", "250 250", ActNone, 0},
 		{"path too long", hello + "MAIL FROM:<a@" + strings.Repeat("b.", 130) + "test>\r\n", "250 501", ActNone, 0},
 		{"command too long", "NOOP " + long + "\r\nNOOP\r\n", "500 250", ActNone, 0},
@@ -393,7 +393,7 @@ func TestSessionMaxRecipients(t *testing.T) {
 
 func TestSessionEHLOAdvertises(t *testing.T) {
 	out, _ := runSession(t, testConfig(), &fakeBackend{}, hello, 0)
-	for _, ext := range []string{"PIPELINING", "SIZE 2000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "STARTTLS"} {
+	for _, ext := range []string{"PIPELINING", "SIZE 2000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "STARTTLS"} {
 		if !strings.Contains(out, "250-"+ext+"\r\n") && !strings.Contains(out, "250 "+ext+"\r\n") {
 			t.Errorf("EHLO reply lacks %s:\n%s", ext, out)
 		}

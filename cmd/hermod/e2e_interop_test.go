@@ -695,6 +695,9 @@ scan_interval = "200ms"
 s = smtplib.SMTP(sys.argv[1].rsplit(":",1)[0], int(sys.argv[1].rsplit(":",1)[1]), timeout=30)
 s.ehlo("py.client.test")
 s.sendmail("tricky@src.test", ["tricky@sink.test"], sys.stdin.buffer.read(), mail_options=["BODY=8BITMIME"])
+# DSN parameters (RFC 3461) go on to smtp-sink, which offers DSN.
+s.sendmail("dsn@src.test", ["dsn@sink.test"], b"Subject: dsn\r\n\r\nnotify\r\n",
+           mail_options=["RET=HDRS", "ENVID=batch+2B7"], rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;list+2Bdsn@src.test"])
 s.quit()`
 	cmd := exec.Command(py, "-c", script, d.smtp)
 	cmd.Stdin = strings.NewReader(tricky)
@@ -702,7 +705,7 @@ s.quit()`
 		t.Fatalf("python: %v\n%s", err, out)
 	}
 
-	const total = 201
+	const total = 202
 	if got := d.metric("hermod_smtp_messages_received_total"); got != total {
 		t.Errorf("hermod_smtp_messages_received_total = %v, want %d", got, total)
 	}
@@ -719,8 +722,15 @@ s.quit()`
 		_, q := d.get("/api/queue")
 		t.Fatalf("smtp-sink received %d transactions, want %d\nqueue: %.2000s\nlog: %.3000s", len(dumps), total, q, d.log.String())
 	}
-	rcpts, trickyOK := 0, false
+	rcpts, trickyOK, dsnOK := 0, false, false
 	for _, b := range dumps {
+		if bytes.Contains(b, []byte("Subject: dsn")) {
+			dsnOK = bytes.Contains(b, []byte("X-Mail-Args: <dsn@src.test> RET=HDRS ENVID=batch+2B7")) &&
+				bytes.Contains(b, []byte("X-Rcpt-Args: <dsn@sink.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;list+2Bdsn@src.test"))
+			if !dsnOK {
+				t.Errorf("DSN parameters not passed on:\n%q", b)
+			}
+		}
 		rcpts += bytes.Count(b, []byte("\nX-Rcpt-Args: <"))
 		if !bytes.Contains(b, []byte("\tby mx.e2e.test (Hermod) with ")) {
 			t.Fatalf("dump without hermod's Received header: %.400q", b)
@@ -734,8 +744,11 @@ s.quit()`
 			}
 		}
 	}
-	if rcpts != 100+300+1 {
-		t.Errorf("smtp-sink saw %d recipients, want 401", rcpts)
+	if rcpts != 100+300+2 {
+		t.Errorf("smtp-sink saw %d recipients, want 402", rcpts)
+	}
+	if !dsnOK {
+		t.Error("message with DSN parameters not delivered")
 	}
 	if !trickyOK {
 		t.Error("tricky message not delivered intact")
