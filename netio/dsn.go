@@ -12,12 +12,12 @@ import (
 //
 // What is accepted, as Postfix's smtpd does: each parameter at most once
 // per command; RET=FULL or HDRS; ENVID an xtext (RFC 3461 §4) of printable
-// ASCII once decoded, at most 100 octets on the wire (§4.4); NOTIFY=NEVER
-// or a list of SUCCESS, FAILURE and DELAY (§4.1); ORCPT=addr-type;xtext,
-// at most 500 octets (§4.2), raw UTF-8 allowed in its address only in an
-// SMTPUTF8 transaction (RFC 6533 §3, utf-8-addr-unitext). Anything else is
-// refused with 501 5.5.4 naming the parameter; the transaction is left as
-// it was.
+// ASCII or white space once decoded, at most 100 octets on the wire
+// (§4.4); NOTIFY=NEVER or a list of SUCCESS, FAILURE and DELAY (§4.1);
+// ORCPT=addr-type;xtext with an atom for addr-type, at most 500 octets
+// (§4.2), raw UTF-8 allowed in its address only in an SMTPUTF8
+// transaction (RFC 6533 §3, utf-8-addr-unitext). Anything else is refused
+// with 501 5.5.4 naming the parameter; the transaction is left as it was.
 
 // NOTIFY flags for RcptDSN.Notify. Zero means no NOTIFY parameter.
 const (
@@ -61,7 +61,7 @@ func parseRet(val []byte) (string, bool) {
 }
 
 // parseEnvID decodes an ENVID value; the decoded identifier must be
-// printable ASCII (RFC 3461 §4.4) and non-empty.
+// printable ASCII or white space (RFC 3461 §4.4) and non-empty.
 func parseEnvID(val []byte) (string, bool) {
 	if len(val) == 0 || len(val) > maxEnvID {
 		return "", false
@@ -71,7 +71,7 @@ func parseEnvID(val []byte) (string, bool) {
 		return "", false
 	}
 	for _, c := range dec {
-		if c < ' ' || c > '~' {
+		if (c < ' ' || c > '~') && c != '\t' {
 			return "", false
 		}
 	}
@@ -122,7 +122,7 @@ func parseORcpt(val []byte, utf8OK bool) (string, bool) {
 		return "", false
 	}
 	for _, c := range typ {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+		if c >= 0x80 || !isAtext(c) {
 			return "", false
 		}
 	}
