@@ -185,6 +185,7 @@ var (
 	errNoPostmaster = smtperr.New(550, "5.1.1", "Error: this server has no local mailboxes (smtp.postmaster is not set)")
 	errLoop         = smtperr.New(554, "5.4.6", "Error: too many hops (mail loop?)")
 	errCommit       = smtperr.New(451, "4.3.0", "Error: queue file write error, try again later")
+	errNoRoom       = smtperr.New(452, "4.3.1", "Error: insufficient system storage, try again later")
 )
 
 // ConnGuard decides on new connections beyond the SMTP server's own
@@ -212,8 +213,18 @@ func (r *Receiver) Disconnect(c *netio.ConnInfo) {
 	}
 }
 
-// Mail implements netio.Backend.
-func (r *Receiver) Mail(*netio.Envelope) *smtperr.Error { return nil }
+// Mail implements netio.Backend. A transaction is refused with 452 4.3.1
+// (RFC 3463: mail system full) while the spool's filesystem is short of
+// space (spool.Store.HasRoom, with the SIZE the client declared): the
+// client tries again later, the spool never reaches ENOSPC, and the mail
+// already queued keeps going out, freeing space.
+func (r *Receiver) Mail(env *netio.Envelope) *smtperr.Error {
+	if !r.opt.Store.HasRoom(env.Size) {
+		r.m.noRoom.Add(1)
+		return errNoRoom
+	}
+	return nil
+}
 
 // Rcpt implements netio.Backend: clients in relay_networks may send
 // anywhere, others only to relay_domains, and there only to mailboxes

@@ -12,6 +12,7 @@ type receiverCounters struct {
 	commitFailed atomic.Int64
 	rejected     atomic.Int64
 	relayDenied  atomic.Int64
+	noRoom       atomic.Int64
 }
 
 // ReceiverMetrics is a snapshot of the receiver's counters.
@@ -21,6 +22,7 @@ type ReceiverMetrics struct {
 	CommitFailed int64 // messages refused with 451 because the spool failed
 	Rejected     int64 // messages refused for their content (mail loops)
 	RelayDenied  int64 // recipients refused by the relay policy
+	NoRoom       int64 // transactions refused with 452 4.3.1: spool filesystem short of space
 }
 
 // Metrics returns a snapshot of the counters.
@@ -31,6 +33,7 @@ func (r *Receiver) Metrics() ReceiverMetrics {
 		CommitFailed: r.m.commitFailed.Load(),
 		Rejected:     r.m.rejected.Load(),
 		RelayDenied:  r.m.relayDenied.Load(),
+		NoRoom:       r.m.noRoom.Load(),
 	}
 }
 
@@ -39,6 +42,7 @@ var (
 	descRecvBytes    = prometheus.NewDesc("hermod_smtp_received_bytes_total", "Octets of messages accepted and spooled.", nil, nil)
 	descRecvRefused  = prometheus.NewDesc("hermod_smtp_messages_refused_total", "Messages refused at end of data, by reason.", []string{"reason"}, nil)
 	descRelayDenied  = prometheus.NewDesc("hermod_smtp_relay_denied_total", "Recipients refused by the relay policy.", nil, nil)
+	descNoRoom       = prometheus.NewDesc("hermod_smtp_insufficient_storage_total", "MAIL commands refused with 452 4.3.1 because the spool's filesystem was short of space (spool.min_free).", nil, nil)
 )
 
 // Collector returns a Prometheus collector for the receiver's metrics.
@@ -51,6 +55,7 @@ func (c receiverCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descRecvBytes
 	ch <- descRecvRefused
 	ch <- descRelayDenied
+	ch <- descNoRoom
 }
 
 func (c receiverCollector) Collect(ch chan<- prometheus.Metric) {
@@ -60,4 +65,5 @@ func (c receiverCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRecvRefused, prometheus.CounterValue, float64(m.CommitFailed), "spool_error")
 	ch <- prometheus.MustNewConstMetric(descRecvRefused, prometheus.CounterValue, float64(m.Rejected), "loop")
 	ch <- prometheus.MustNewConstMetric(descRelayDenied, prometheus.CounterValue, float64(m.RelayDenied))
+	ch <- prometheus.MustNewConstMetric(descNoRoom, prometheus.CounterValue, float64(m.NoRoom))
 }

@@ -64,6 +64,15 @@ type Config struct {
 	// Between 1ms and 10s. Default: 100ms.
 	LazySyncDelay time.Duration `toml:"lazy_sync_delay"`
 
+	// MinFree is the free space, in bytes, to keep on the spool's
+	// filesystem: HasRoom reports false (the daemon answers MAIL with 452
+	// 4.3.1) once accepting a message would leave less. It keeps room for
+	// pebble's memtable flushes and compactions and for the outcomes of
+	// deliveries, which free space, so that the spool never reaches ENOSPC
+	// (where it fails and must be reopened). Negative disables the check.
+	// Default: 256 MiB.
+	MinFree int64 `toml:"min_free"`
+
 	// NodeID is written into every ID made by NewID. It is set by the cluster
 	// wiring, not by the configuration file.
 	// Default: 0.
@@ -86,6 +95,7 @@ const (
 	defaultCommitQueue   = 4096
 	defaultCacheSize     = 64 << 20
 	defaultLazySyncDelay = 100 * time.Millisecond
+	defaultMinFree       = 256 << 20
 	minLazySyncDelay     = time.Millisecond
 	maxLazySyncDelay     = 10 * time.Second
 
@@ -123,6 +133,9 @@ func (c *Config) EnsureDefaults() {
 	}
 	if c.LazySyncDelay == 0 {
 		c.LazySyncDelay = defaultLazySyncDelay
+	}
+	if c.MinFree == 0 {
+		c.MinFree = defaultMinFree
 	}
 }
 

@@ -110,8 +110,17 @@
 //     panics there as well, which ends the process like pebble's own
 //     logger would: pebble's state is undefined afterwards, and everything
 //     acknowledged is in the WAL for the next Open.
-//   - Other pebble errors (flush/compaction I/O errors, which pebble
-//     retries) are logged through the event listener.
+//   - A flush that fails with ENOSPC fails the store too: pebble would
+//     retry it at once, forever, while the memtables fill and writes
+//     stall. Other pebble errors (compaction and other flush I/O errors,
+//     which pebble retries) are logged through the event listener.
+//   - Running out of space is kept from happening: HasRoom reports false
+//     while the filesystem has less than Config.MinFree (256 MiB) free
+//     beyond the message, and the daemon then answers MAIL with 452 4.3.1,
+//     while deliveries go on and free space. Failed() tells the daemon
+//     when the store failed anyway; it stops, to be restarted (systemd's
+//     Restart=on-failure) with a reopened store (tested end to end on a
+//     real full tmpfs: cmd/hermod TestE2EFullDisk).
 //   - A crash at any point loses nothing acknowledged: Open replays the WAL,
 //     and Due/Walk find every acknowledged message (tested with crash clones
 //     of vfs.NewCrashableMem, with copies of a live directory and with

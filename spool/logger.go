@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"syscall"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -46,8 +47,12 @@ func (l pebbleLogger) Fatalf(format string, args ...any) {
 	panic(fatalPanic{err: err})
 }
 
-// eventListener logs the pebble events an operator should see.
-func eventListener(log *slog.Logger) *pebble.EventListener {
+// eventListener logs the pebble events an operator should see. A flush
+// that fails for lack of space (ENOSPC) calls fail: pebble would retry it
+// at once, again and again, while the memtables fill up and writes stall
+// for good; the store fails instead, so that the daemon stops and is
+// restarted (see Store.Failed) once there is room.
+func eventListener(log *slog.Logger, fail func(error)) *pebble.EventListener {
 	return &pebble.EventListener{
 		BackgroundError: func(err error) {
 			log.Error("pebble background error", "component", "pebble", "err", err)
@@ -65,6 +70,9 @@ func eventListener(log *slog.Logger) *pebble.EventListener {
 		FlushEnd: func(info pebble.FlushInfo) {
 			if info.Err != nil {
 				log.Error("pebble flush failed", "component", "pebble", "err", info.Err)
+				if errors.Is(info.Err, syscall.ENOSPC) {
+					fail(fmt.Errorf("pebble flush: %w", info.Err))
+				}
 				return
 			}
 			log.Debug("pebble flush", "component", "pebble", "info", info.String())

@@ -115,6 +115,8 @@ var (
 		"Queued messages.", nil, nil)
 	descDiskBytes = prometheus.NewDesc("hermod_spool_disk_bytes",
 		"On-disk size of the spool database.", nil, nil)
+	descFreeBytes = prometheus.NewDesc("hermod_spool_filesystem_free_bytes",
+		"Space available on the spool's filesystem (MAIL is refused with 452 below spool.min_free).", nil, nil)
 	descFailed = prometheus.NewDesc("hermod_spool_failed",
 		"1 when the spool is in the failed state and rejects writes.", nil, nil)
 )
@@ -123,7 +125,7 @@ type collector struct{ s *Store }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCommits, descBatches, descLazySyncs, descCommitErrors, descUpdates,
-		descRemovals, descFsyncs, descFsyncDur, descMessages, descDiskBytes, descFailed} {
+		descRemovals, descFsyncs, descFsyncDur, descMessages, descDiskBytes, descFreeBytes, descFailed} {
 		ch <- d
 	}
 }
@@ -151,6 +153,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstHistogram(descFsyncDur, cum, m.FsyncTime.Seconds(), buckets)
 	ch <- prometheus.MustNewConstMetric(descMessages, prometheus.GaugeValue, float64(m.Messages))
 	ch <- prometheus.MustNewConstMetric(descDiskBytes, prometheus.GaugeValue, float64(m.DiskBytes))
+	if free := c.s.FreeBytes(); free >= 0 {
+		ch <- prometheus.MustNewConstMetric(descFreeBytes, prometheus.GaugeValue, float64(free))
+	}
 	failed := 0.0
 	if m.Failed {
 		failed = 1

@@ -84,6 +84,7 @@ type Store struct {
 	wedged       atomic.Bool
 	closeTimeout time.Duration
 
+	free    freeSpace // see HasRoom
 	idLocks [idLockStripes]sync.Mutex
 	floor   dueFloor
 	rcache  rcptCache
@@ -207,7 +208,7 @@ func (s *Store) pebbleOptions(fs vfs.FS) *pebble.Options {
 		FS:                 fs,
 		FormatMajorVersion: pebble.FormatNewest,
 		Logger:             pebbleLogger{log: s.log, fatal: func(err error) { s.fail(err) }},
-		EventListener:      eventListener(s.log),
+		EventListener:      eventListener(s.log, func(err error) { s.fail(err) }),
 		CacheSize:          s.cfg.CacheSize,
 		// A big memtable lets a message's Set and SingleDelete meet in the
 		// memtable flush, where both vanish: most messages never reach an
@@ -306,6 +307,11 @@ func (s *Store) failed() error {
 // fail puts the store into the failed state (the first cause sticks) and
 // returns the error to report. It never blocks: pebble calls it with its
 // locks held.
+// Failed returns a channel closed when the store enters the failed state
+// (a WAL write or sync failed, e.g. ENOSPC): from then on every write is
+// refused until the store is reopened, which for a daemon means a restart.
+func (s *Store) Failed() <-chan struct{} { return s.failedCh }
+
 func (s *Store) fail(cause error) error {
 	e := fmt.Errorf("%w: %w", ErrFailed, cause)
 	if s.failErr.CompareAndSwap(nil, &e) {

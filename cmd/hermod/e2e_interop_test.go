@@ -113,7 +113,13 @@ type queuedMessage struct {
 // with its body.
 func readSpool(t *testing.T, dir string) []queuedMessage {
 	t.Helper()
-	st, err := spool.Open(spool.Config{Dir: filepath.Join(dir, "spool")}, nil)
+	return readSpoolDir(t, filepath.Join(dir, "spool"))
+}
+
+// readSpoolDir is readSpool for the spool directory itself.
+func readSpoolDir(t *testing.T, spoolDir string) []queuedMessage {
+	t.Helper()
+	st, err := spool.Open(spool.Config{Dir: spoolDir}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -287,6 +287,25 @@ func (d *daemonState) run(cfg Config) error {
 			return err
 		case err := <-serveErr:
 			return fmt.Errorf("smtp server stopped: %w", err)
+		case <-d.store.Failed():
+			// A WAL write or sync failed (ENOSPC, EIO): the spool refuses
+			// every write until it is reopened. Every acknowledged message
+			// is on disk; stop, so that the service manager restarts
+			// hermod (Restart=on-failure), which reopens the spool and
+			// replays its WAL. Until then clients get 451 or no answer,
+			// and keep their mail.
+			ferr := d.store.Err()
+			log.Error("spool failed: stopping for a restart", "err", ferr)
+			_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+			d.healthy.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_ = srv.Shutdown(ctx)
+			if httpSrv != nil {
+				_ = httpSrv.Shutdown(ctx)
+			}
+			cancel()
+			<-serveErr
+			return fmt.Errorf("spool failed: %w", ferr)
 		}
 	}
 }
@@ -378,6 +397,10 @@ func (d *daemonState) httpHandler(reg *prometheus.Registry) http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.store.Err(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
 		if !d.healthy.Load() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return

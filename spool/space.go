@@ -1,0 +1,60 @@
+package spool
+
+import (
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// freeSpaceTTL is how long a reading of the filesystem's free space is
+// used before HasRoom takes another (one statfs(2) at most this often).
+const freeSpaceTTL = 250 * time.Millisecond
+
+// freeSpace caches the free space of the spool's filesystem.
+type freeSpace struct {
+	bytes atomic.Int64 // available to unprivileged users; -1 unknown
+	at    atomic.Int64 // unix nanos of the reading; 0 never
+	busy  atomic.Bool  // a reading is being taken
+}
+
+// FreeBytes returns the space available on the spool's filesystem, as of
+// at most freeSpaceTTL ago, or -1 when it cannot be read (statfs failed,
+// or the store runs on an in-memory filesystem).
+func (s *Store) FreeBytes() int64 {
+	now := time.Now().UnixNano()
+	f := &s.free
+	if now-f.at.Load() >= int64(freeSpaceTTL) && f.busy.CompareAndSwap(false, true) {
+		f.bytes.Store(statFree(s.cfg.Dir))
+		f.at.Store(now)
+		f.busy.Store(false)
+	}
+	if f.at.Load() == 0 {
+		return -1 // another caller is taking the first reading
+	}
+	return f.bytes.Load()
+}
+
+// HasRoom reports whether a message of size octets (0: unknown) may be
+// accepted: false when its spooled size would leave less than
+// Config.MinFree on the spool's filesystem. Unknown free space, a disabled
+// check (negative MinFree) and a failed store report true (a failed store
+// refuses the commit itself). It costs at most one statfs(2) per
+// freeSpaceTTL.
+func (s *Store) HasRoom(size int64) bool {
+	if s.cfg.MinFree < 0 {
+		return true
+	}
+	free := s.FreeBytes()
+	return free < 0 || free-max(size, 0) >= s.cfg.MinFree
+}
+
+// statFree returns the space available to unprivileged users on the
+// filesystem holding dir, or -1.
+func statFree(dir string) int64 {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return -1
+	}
+	return int64(st.Bavail) * int64(st.Bsize)
+}
