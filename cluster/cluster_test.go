@@ -59,6 +59,13 @@ func startNode(t *testing.T, name, dir string, bind string, join []string, limit
 
 func startNodeR(t *testing.T, name, dir string, bind string, join []string, limits map[string]int, replicas int) *testNode {
 	t.Helper()
+	return startNodeRC(t, name, dir, bind, join, limits, replicas, nil)
+}
+
+// startNodeRC is startNodeR with editReplica (nil: none) applied to the
+// replica spool's configuration.
+func startNodeRC(t *testing.T, name, dir string, bind string, join []string, limits map[string]int, replicas int, editReplica func(*spool.Config)) *testNode {
+	t.Helper()
 	cfg := Config{Bind: bind, Join: join, NodeName: name, DomainLimits: limits, ProbeInterval: 100 * time.Millisecond,
 		ReconcileTimeout: 3 * time.Second, CountInterval: 100 * time.Millisecond, Replicas: &replicas, TakeoverDelay: time.Second}
 	cfg.EnsureDefaults(name)
@@ -71,6 +78,9 @@ func startNodeR(t *testing.T, name, dir string, bind string, join []string, limi
 	}
 	rcfg := spool.DefaultConfig()
 	rcfg.Dir = filepath.Join(dir, "replicas")
+	if editReplica != nil {
+		editReplica(&rcfg)
+	}
 	svc, err := NewService(cfg, ServiceOptions{Logger: testLogger(), Store: st, ReplicaSpool: rcfg, StateDir: filepath.Join(dir, "cluster"),
 		SMTP: []string{"127.0.0.1:1"}})
 	if err != nil {
@@ -651,5 +661,43 @@ func TestReplicationRefusesStrangers(t *testing.T) {
 				t.Fatalf("member: %v", err)
 			}
 		})
+	}
+}
+
+// TestReplicaRefusedWhenShortOfSpace: a holder whose replica spool's
+// filesystem is below min_free refuses copies instead of filling its
+// disk: the origin counts the message as short of copies (and, with
+// require_replicas, would answer 451).
+func TestReplicaRefusedWhenShortOfSpace(t *testing.T) {
+	root := t.TempDir()
+	binds := []string{fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1")), fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1"))}
+	a := startNode(t, "a", filepath.Join(root, "a"), binds[0], nil, nil)
+	defer a.close(t)
+	full := func(c *spool.Config) { c.MinFree = 1 << 62 }
+	b := startNodeRC(t, "b", filepath.Join(root, "b"), binds[1], binds[:1], nil, 1, full)
+	defer b.close(t)
+	waitFor(t, "2 members", 10*time.Second, func() bool {
+		return len(a.svc.node.Alive()) == 2 && len(b.svc.node.Alive()) == 2
+	})
+	msg := &spool.Message{ID: a.store.NewID(), From: "s@example.test", Rcpts: []spool.Recipient{{Addr: "x@one.test"}}}
+	short := a.svc.repl.short.Load()
+	errc := make(chan error, 1)
+	a.svc.Replicate(msg, []byte("Subject: t\r\n\r\nhello\r\n"), func(err error) { errc <- err })
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatalf("Replicate: %v (require_replicas is off)", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no answer from Replicate")
+	}
+	if a.svc.repl.short.Load() != short+1 {
+		t.Errorf("the origin did not count the refused copy as missing")
+	}
+	if _, err := b.svc.replicas.Load(msg.ID); !errors.Is(err, spool.ErrNotFound) {
+		t.Errorf("the full holder stored the copy anyway: %v", err)
+	}
+	if b.svc.hold.failed.Load() == 0 {
+		t.Error("the refused copy is not counted as failed")
 	}
 }

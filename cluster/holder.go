@@ -16,6 +16,10 @@ import (
 	"github.com/hermod-mta/hermod/spool"
 )
 
+// errReplicaNoRoom refuses a copy while the replica spool's filesystem is
+// short of space (spool.Store.HasRoom).
+var errReplicaNoRoom = errors.New("cluster: replica spool short of space (spool.min_free)")
+
 // holder is the receiving side of replication: it keeps other nodes'
 // messages in the replica store (a spool of its own, never scanned for
 // delivery) until their origin reports them finished or this node takes
@@ -135,7 +139,13 @@ func (h *holder) conn(c net.Conn) {
 				return
 			}
 			pending.Add(1)
-			h.store.Commit(msg, body, func(err error) {
+			commit := h.store.Commit
+			if !h.store.HasRoom(int64(len(body))) {
+				// Short of space (spool.min_free): refuse the copy,
+				// as a failed one, rather than fill the disk.
+				commit = func(_ *spool.Message, _ []byte, done func(error)) { done(errReplicaNoRoom) }
+			}
+			commit(msg, body, func(err error) {
 				defer pending.Done()
 				a := binary.AppendUvarint([]byte{frameAck}, seq)
 				if err != nil {
