@@ -204,7 +204,11 @@ max_errors = 100`, "")
 		{"<victim@allowed.test >", "553 5.1.3"},
 		{"< victim@allowed.test>", "553 5.1.3"},
 		{"<victim@evil.test> <x@allowed.test>", "555 5.5.4"},
-		{"<x@allowed.test> ORCPT=rfc822;victim@evil.test", "555 5.5.4"},
+		// ORCPT (RFC 3461) only names the original recipient in DSNs;
+		// the mail goes to x@allowed.test, as the spool check below
+		// verifies.
+		{"<x@allowed.test> ORCPT=rfc822;victim@evil.test", "250 2.1.5"},
+		{"<x2@allowed.test> FOO=rfc822;victim@evil.test", "555 5.5.4"},
 		{"victim@allowed.test", "501 5.5.4"},
 		{"<victim@аllowed.test>", "553 5.6.7"}, // Cyrillic а, no SMTPUTF8
 		// Accepted: the allowed domain itself, in any case.
