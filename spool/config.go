@@ -65,8 +65,9 @@ type Config struct {
 	LazySyncDelay time.Duration `toml:"lazy_sync_delay"`
 
 	// MinFree is the free space, in bytes, to keep on the spool's
-	// filesystem: HasRoom reports false (the daemon answers MAIL with 452
-	// 4.3.1) once accepting a message would leave less. It keeps room for
+	// filesystem beyond half the spool's own size (room for compactions):
+	// HasRoom reports false (the daemon answers MAIL with 452 4.3.1) once
+	// accepting a message would leave less. It keeps room for
 	// pebble's memtable flushes and compactions and for the outcomes of
 	// deliveries, which free space, so that the spool never reaches ENOSPC
 	// (where it fails and must be reopened). Negative disables the check.

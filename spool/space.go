@@ -26,6 +26,7 @@ func (s *Store) FreeBytes() int64 {
 	f := &s.free
 	if now-f.at.Load() >= int64(freeSpaceTTL) && f.busy.CompareAndSwap(false, true) {
 		f.bytes.Store(statFree(s.cfg.Dir))
+		s.refreshDiskBytes()
 		f.at.Store(now)
 		f.busy.Store(false)
 	}
@@ -37,16 +38,19 @@ func (s *Store) FreeBytes() int64 {
 
 // HasRoom reports whether a message of size octets (0: unknown) may be
 // accepted: false when its spooled size would leave less than
-// Config.MinFree on the spool's filesystem. Unknown free space, a disabled
-// check (negative MinFree) and a failed store report true (a failed store
-// refuses the commit itself). It costs at most one statfs(2) per
-// freeSpaceTTL.
+// Config.MinFree plus half the spool's on-disk size free on its
+// filesystem. The second term is room for compactions, which write their
+// output before they delete their input: in a small or freshly grown spool
+// one may rewrite most of it. Unknown free space, a disabled check
+// (negative MinFree) and a failed store report true (a failed store
+// refuses the commit itself). It costs at most one statfs(2) and one read
+// of pebble's metrics per freeSpaceTTL.
 func (s *Store) HasRoom(size int64) bool {
 	if s.cfg.MinFree < 0 {
 		return true
 	}
 	free := s.FreeBytes()
-	return free < 0 || free-max(size, 0) >= s.cfg.MinFree
+	return free < 0 || free-max(size, 0) >= s.cfg.MinFree+int64(s.diskBytes.Load()/2)
 }
 
 // statFree returns the space available to unprivileged users on the
