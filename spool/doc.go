@@ -115,8 +115,9 @@
 //     stall. Other pebble errors (compaction and other flush I/O errors,
 //     which pebble retries) are logged through the event listener.
 //   - Running out of space is kept from happening: HasRoom reports false
-//     while the filesystem has less than Config.MinFree (256 MiB) free
-//     beyond the message, and the daemon then answers MAIL with 452 4.3.1,
+//     while the filesystem has less than Config.MinFree (256 MiB) plus
+//     half the spool's size free beyond the message (compactions write
+//     before they delete), and the daemon then answers MAIL with 452 4.3.1,
 //     while deliveries go on and free space. Failed() tells the daemon
 //     when the store failed anyway; it stops, to be restarted (systemd's
 //     Restart=on-failure) with a reopened store (tested end to end on a
