@@ -21,6 +21,20 @@ type ServerConfig struct {
 	// host:port. Several are allowed. Default: ["127.0.0.1:2525"].
 	Listen []string `toml:"listen"`
 
+	// MaxBufferedBytes bounds the message content all sessions hold in
+	// memory at once: bodies being received and bodies waiting for their
+	// commit. A message whose content would go beyond it is read to its
+	// end, dropped and refused with 452 4.3.1 (the client tries again
+	// later), and MAIL is refused with 452 4.3.1 while it is spent. It
+	// keeps many clients sending large messages at once from exhausting
+	// memory. At least max_message_size. Default: 1 GiB.
+	MaxBufferedBytes int64 `toml:"max_buffered_bytes"`
+
+	// budget counts the content held against MaxBufferedBytes; NewServer
+	// makes it, and the sessions share it through their *ServerConfig.
+	// nil (sessions made without a server): unlimited.
+	budget *contentBudget
+
 	// MaxMessageSize is the largest message accepted, in octets, announced
 	// with SIZE and enforced while the message streams in. Default: 26214400.
 	MaxMessageSize int64 `toml:"max_message_size"`
@@ -88,6 +102,9 @@ func (c *ServerConfig) EnsureDefaults() {
 	if c.MaxMessageSize == 0 {
 		c.MaxMessageSize = 26214400
 	}
+	if c.MaxBufferedBytes == 0 {
+		c.MaxBufferedBytes = 1 << 30
+	}
 	if c.MaxRecipients == 0 {
 		c.MaxRecipients = 1000
 	}
@@ -136,6 +153,9 @@ func (c ServerConfig) Validate() error {
 	}
 	if c.MaxMessageSize < 1024 {
 		bad("max_message_size", "%d is below the minimum of 1024 octets", c.MaxMessageSize)
+	}
+	if c.MaxBufferedBytes < c.MaxMessageSize {
+		bad("max_buffered_bytes", "%d is below max_message_size (%d)", c.MaxBufferedBytes, c.MaxMessageSize)
 	}
 	if c.MaxRecipients < 100 {
 		// RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients.

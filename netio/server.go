@@ -33,6 +33,11 @@ import (
 //   - A connection silent past CommandTimeout (DataTimeout while message
 //     data is expected), or sending data slower than MinDataRate, receives
 //     421 4.4.2 and is closed. No timeout runs while a commit is pending.
+//   - The message content held by all sessions together (bodies being
+//     received and bodies being committed) stays within
+//     MaxBufferedBytes: a message that does not fit is read to its end,
+//     dropped and answered 452 4.3.1, and MAIL gets 452 4.3.1 while the
+//     budget is spent.
 //
 // On failure: a listener that cannot be bound makes Serve return an error;
 // an individual connection error closes only that connection. A message
@@ -72,6 +77,7 @@ func NewServer(cfg ServerConfig, b Backend, tlsConfig *tls.Config, logger *slog.
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
+	cfg.budget = newContentBudget(cfg.MaxBufferedBytes)
 	s := &Server{
 		cfg:     cfg,
 		backend: b,

@@ -38,6 +38,8 @@ type ServerMetrics struct {
 	TLSHandshakes   int64            // successful STARTTLS handshakes
 	TLSFailures     int64            // failed STARTTLS handshakes
 	SessionOutcomes map[string]int64 // ended sessions by outcome
+	BufferedBytes   int64            // message content held in memory now (max_buffered_bytes)
+	BufferRefused   int64            // MAIL commands and messages refused with 452 for max_buffered_bytes
 }
 
 // Metrics returns a snapshot of the counters.
@@ -50,6 +52,10 @@ func (s *Server) Metrics() ServerMetrics {
 		TLSHandshakes:   s.m.tlsOK.Load(),
 		TLSFailures:     s.m.tlsFailed.Load(),
 		SessionOutcomes: make(map[string]int64, len(sessionOutcomes)),
+		BufferedBytes:   s.cfg.budget.buffered(),
+	}
+	if s.cfg.budget != nil {
+		m.BufferRefused = s.cfg.budget.refused.Load()
 	}
 	for i, name := range sessionOutcomes {
 		m.SessionOutcomes[name] = s.m.outcomes[i].Load()
@@ -63,6 +69,8 @@ var (
 	descConnRefused  = prometheus.NewDesc("hermod_smtp_connections_refused_total", "Inbound SMTP connections refused by a connection limit.", []string{"limit"}, nil)
 	descTLS          = prometheus.NewDesc("hermod_smtp_starttls_total", "STARTTLS handshakes by result.", []string{"result"}, nil)
 	descSessions     = prometheus.NewDesc("hermod_smtp_sessions_total", "Ended SMTP sessions by outcome.", []string{"outcome"}, nil)
+	descBuffered     = prometheus.NewDesc("hermod_smtp_buffered_bytes", "Message content held in memory by all sessions (bounded by smtp.max_buffered_bytes).", nil, nil)
+	descBufRefused   = prometheus.NewDesc("hermod_smtp_buffer_refused_total", "MAIL commands and messages refused with 452 4.3.1 because smtp.max_buffered_bytes was reached.", nil, nil)
 )
 
 // Collector returns a Prometheus collector for the server's metrics. The
@@ -72,7 +80,7 @@ func (s *Server) Collector() prometheus.Collector { return serverCollector{s} }
 type serverCollector struct{ s *Server }
 
 func (c serverCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnAccepted, descConnActive, descConnRefused, descTLS, descSessions} {
+	for _, d := range []*prometheus.Desc{descConnAccepted, descConnActive, descConnRefused, descTLS, descSessions, descBuffered, descBufRefused} {
 		ch <- d
 	}
 }
@@ -88,4 +96,6 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, name := range sessionOutcomes {
 		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.CounterValue, float64(m.SessionOutcomes[name]), name)
 	}
+	ch <- prometheus.MustNewConstMetric(descBuffered, prometheus.GaugeValue, float64(m.BufferedBytes))
+	ch <- prometheus.MustNewConstMetric(descBufRefused, prometheus.CounterValue, float64(m.BufferRefused))
 }

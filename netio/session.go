@@ -177,6 +177,7 @@ var (
 	errUnknownParam   = smtperr.New(555, "5.5.4", "Error: unsupported MAIL/RCPT parameter")
 	errBadParam       = smtperr.New(501, "5.5.4", "Error: malformed MAIL/RCPT parameter")
 	errTooBig         = smtperr.New(552, "5.3.4", "Error: message too big for system")
+	errNoBuffer       = smtperr.New(452, "4.3.1", "Error: insufficient system resources, try again later")
 	errTooManyRcpts   = smtperr.New(452, "4.5.3", "Error: too many recipients")
 	errTooManyErrors  = smtperr.New(421, "4.7.0", "Error: too many errors, closing connection")
 	errBareLFData     = smtperr.New(554, "5.6.0", "Error: bare <LF> or <CR> in message data; lines must end with <CR><LF> (SMTP smuggling protection)")
@@ -232,8 +233,12 @@ type Session struct {
 	prevCR   bool           // BDAT: previous chunk ended with CR
 	lineLen  int            // BDAT: length of the current line so far
 	bodySize int64          // content octets so far, stored or not
-	bdatLeft int64
-	bdatLast bool
+	// reserved: octets of the budget (ServerConfig.MaxBufferedBytes) held
+	// for body; committing: those of the body handed to the backend,
+	// until its commit ends.
+	reserved, committing int64
+	bdatLeft             int64
+	bdatLast             bool
 
 	// DataBytes counts content octets received in the current DATA or BDAT
 	// phase (before unstuffing); the transport uses it for the minimum
@@ -381,6 +386,8 @@ func (s *Session) Resume(r *smtperr.Error, out []byte) ([]byte, Action) {
 		return out, ActNone
 	}
 	s.phase = PhaseCommand
+	s.cfg.budget.release(s.committing)
+	s.committing = 0
 	s.resetTxn()
 	if r == nil {
 		r = smtperr.New(451, "4.3.0", "Error: no reply from queue")
@@ -411,6 +418,10 @@ func (s *Session) Abort() {
 	if s.phase != PhasePending {
 		s.resetTxn()
 	}
+	// A pending commit still holds its body for a moment: its budget is
+	// given back a little early rather than never.
+	s.cfg.budget.release(s.committing)
+	s.committing = 0
 	s.phase = PhaseClosed
 	if s.connected {
 		s.connected = false
@@ -424,7 +435,7 @@ func (s *Session) resetTxn() {
 	s.env = nil
 	s.rcptTried = false
 	s.overshoot = 0
-	s.body = nil
+	s.dropBody()
 	s.dataErr = nil
 	s.midLine = false
 	s.lastBare = false
@@ -635,6 +646,9 @@ func (s *Session) mail(arg []byte) *smtperr.Error {
 	}
 	if s.env != nil {
 		return errNestedMail
+	}
+	if s.cfg.budget.spent() {
+		return errNoBuffer
 	}
 	rest, ok := cutPrefixFold(arg, "FROM:")
 	if !ok {
@@ -967,20 +981,22 @@ func (s *Session) noteDataErr(e *smtperr.Error) {
 
 // rankState is the rank of transaction state errors (BDAT without MAIL or
 // RCPT): the content of such a chunk is not examined at all.
-const rankState = 5
+const rankState = 6
 
 func dataErrRank(e *smtperr.Error) int {
 	switch e {
 	case nil:
 		return 0
-	case errDataLineLong:
+	case errNoBuffer:
 		return 1
-	case errTooBig:
+	case errDataLineLong:
 		return 2
-	case errNULData:
+	case errTooBig:
 		return 3
-	case errBareLFData:
+	case errNULData:
 		return 4
+	case errBareLFData:
+		return 5
 	}
 	return rankState
 }
@@ -1000,17 +1016,35 @@ func (s *Session) countBody(n int) {
 	s.bodySize += int64(n)
 	if s.bodySize > s.cfg.MaxMessageSize {
 		s.noteDataErr(errTooBig)
-		s.body = nil
+		s.dropBody()
 	}
 }
 
-// appendBody counts b and keeps it, unless the message is already refused.
+// appendBody counts b and keeps it, unless the message is already refused
+// or the servers' content budget has no room for it (the message is then
+// refused with 452 at its end).
 func (s *Session) appendBody(b []byte) {
 	s.countBody(len(b))
 	if s.dataErr != nil {
 		return // refused anyway: keep nothing more
 	}
+	if need := int64(len(s.body) + len(b)); need > s.reserved {
+		step := max(need-s.reserved, budgetStep)
+		if !s.cfg.budget.reserve(step) {
+			s.noteDataErr(errNoBuffer)
+			s.dropBody()
+			return
+		}
+		s.reserved += step
+	}
 	s.body = append(s.body, b...)
+}
+
+// dropBody discards the content kept so far and gives its budget back.
+func (s *Session) dropBody() {
+	s.body = nil
+	s.cfg.budget.release(s.reserved)
+	s.reserved = 0
 }
 
 // endData finishes a DATA phase after the terminating dot.
@@ -1027,6 +1061,7 @@ func (s *Session) endData(out []byte) ([]byte, Action) {
 func (s *Session) commit(out []byte) ([]byte, Action) {
 	env, body := s.env, s.body
 	s.env, s.body = nil, nil
+	s.committing, s.reserved = s.reserved, 0 // given back by Resume or Abort
 	s.phase = PhasePending
 	s.b.Data(env, body, s.notify)
 	return out, ActPending
