@@ -5,16 +5,17 @@ import "sync/atomic"
 // contentBudget bounds the message content all the sessions of a server
 // hold in memory at once (ServerConfig.MaxBufferedBytes): bodies being
 // received and bodies waiting for their commit. Sessions reserve octets in
-// steps of budgetStep and give them back when the body is dropped or its
-// commit ends. A nil budget is unlimited (sessions made without a server).
+// growing steps (see Session.appendBody) and give them back when the body
+// is dropped or its commit ends. A nil budget is unlimited (sessions made
+// without a server).
 type contentBudget struct {
 	max     int64
 	used    atomic.Int64
 	refused atomic.Int64 // messages and MAIL commands refused for it
 }
 
-// budgetStep is the granularity of reservations: one atomic operation per
-// 64 KiB of content at most.
+// budgetStep is the largest step of reservations (they start at 4 KiB and
+// double): one atomic operation per 64 KiB of a large message.
 const budgetStep = 64 << 10
 
 func newContentBudget(max int64) *contentBudget { return &contentBudget{max: max} }

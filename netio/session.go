@@ -1029,7 +1029,9 @@ func (s *Session) appendBody(b []byte) {
 		return // refused anyway: keep nothing more
 	}
 	if need := int64(len(s.body) + len(b)); need > s.reserved {
-		step := max(need-s.reserved, budgetStep)
+		// Steps double from 4 KiB up to budgetStep: a small message
+		// holds little, a large one costs an atomic add per 64 KiB.
+		step := max(need-s.reserved, min(max(s.reserved, 4<<10), budgetStep))
 		if !s.cfg.budget.reserve(step) {
 			s.noteDataErr(errNoBuffer)
 			s.dropBody()
