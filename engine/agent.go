@@ -157,7 +157,7 @@ func (s *Scheduler) attempt(a *agent, jobs []*job) []*attemptResult {
 				return results
 			}
 		}
-		dv.dsn = a.conn.Has("DSN")
+		dv.dsn = a.conn.DSN()
 		t0 := s.now()
 		srs, errs := a.conn.SendBatch(s.ctx, envs, bodies)
 		xmit := s.now().Sub(t0)

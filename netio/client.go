@@ -623,6 +623,10 @@ func (c *ClientConn) Has(ext string) bool {
 	return ok
 }
 
+// DSN reports whether the server offered DSN (RFC 3461): the DSN
+// parameters of an envelope are then sent. Cheaper than Has("DSN").
+func (c *ClientConn) DSN() bool { return c.exts&clientExtDSN != 0 }
+
 // MaxSize is the message size limit the server announced with SIZE, 0 when
 // it announced none.
 func (c *ClientConn) MaxSize() int64 { return c.maxSize }
