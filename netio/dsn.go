@@ -15,8 +15,8 @@ import (
 // ASCII or white space once decoded, at most 100 octets on the wire
 // (§4.4); NOTIFY=NEVER or a list of SUCCESS, FAILURE and DELAY (§4.1);
 // ORCPT=addr-type;xtext with an atom for addr-type, at most 500 octets
-// (§4.2), raw UTF-8 allowed in its address only in an SMTPUTF8
-// transaction (RFC 6533 §3, utf-8-addr-unitext). Anything else is refused
+// (§4.2), raw UTF-8 allowed in its address only for addr-type utf-8 in
+// an SMTPUTF8 transaction (RFC 6533 §3, utf-8-addr-unitext). Anything else is refused
 // with 501 5.5.4 naming the parameter; the transaction is left as it was.
 
 // NOTIFY flags for RcptDSN.Notify. Zero means no NOTIFY parameter.
@@ -111,8 +111,8 @@ func parseNotify(val []byte) (uint8, bool) {
 }
 
 // parseORcpt checks an ORCPT value, addr-type ";" xtext, and returns it as
-// received. utf8OK admits raw UTF-8 in the address (an SMTPUTF8
-// transaction).
+// received. utf8OK admits raw UTF-8 in the address of addr-type utf-8
+// (an SMTPUTF8 transaction).
 func parseORcpt(val []byte, utf8OK bool) (string, bool) {
 	if len(val) > maxORcpt {
 		return "", false
@@ -126,6 +126,9 @@ func parseORcpt(val []byte, utf8OK bool) (string, bool) {
 			return "", false
 		}
 	}
+	// Raw UTF-8 is utf-8-addr-unitext, of the utf-8 type only; the
+	// address of any other type is xtext, ASCII (RFC 6533 §3).
+	utf8OK = utf8OK && eqVerb(typ, "UTF-8")
 	if _, ok := decodeXtext(addr, utf8OK); !ok {
 		return "", false
 	}
