@@ -41,9 +41,18 @@ func (b *contentBudget) release(n int64) {
 	}
 }
 
-// spent reports whether nothing is left: MAIL is then refused.
+// budgetFirstStep is the first reservation of a body (Session.appendBody):
+// a message needs at least this much room, however small it is.
+const budgetFirstStep = 4 << 10
+
+// spent reports whether no message can fit any more, less room being left
+// than a body's first reservation: MAIL is then refused. (Not only when
+// nothing at all is left: a BDAT chunk read whole reserves an octet count
+// that is no multiple of the steps, which can leave a few octets no
+// message could use, and MAIL would be taken for a message certain to be
+// refused at its end.)
 func (b *contentBudget) spent() bool {
-	if b == nil || b.used.Load() < b.max {
+	if b == nil || b.max-b.used.Load() >= budgetFirstStep {
 		return false
 	}
 	b.refused.Add(1)
