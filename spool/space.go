@@ -1,7 +1,11 @@
 package spool
 
 import (
+	"fmt"
+	"os"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -61,4 +65,37 @@ func statFree(dir string) int64 {
 		return -1
 	}
 	return int64(st.Bavail) * int64(st.Bsize)
+}
+
+// openReserve is the free space Open wants beyond the WAL it replays:
+// room for a new MANIFEST, OPTIONS file and WAL.
+const openReserve = 4 << 20
+
+// checkOpenSpace refuses to open the spool in dir when its filesystem
+// cannot take the replay of its WAL files (flushed into sstables when they
+// exceed a memtable) plus openReserve. Pebble has no way out of a full disk
+// during Open: a failed flush is retried at once, forever, and a failed
+// MANIFEST write is fatal. An error wrapping syscall.ENOSPC lets the
+// daemon exit and be restarted once there is room. Unknown free space
+// passes.
+func checkOpenSpace(dir string) error {
+	free := statFree(dir)
+	if free < 0 {
+		return nil
+	}
+	var wal int64
+	if ents, err := os.ReadDir(dir); err == nil {
+		for _, e := range ents {
+			if strings.HasSuffix(e.Name(), ".log") {
+				if fi, err := e.Info(); err == nil {
+					wal += fi.Size()
+				}
+			}
+		}
+	}
+	if need := wal + openReserve; free < need {
+		return fmt.Errorf("%w: %d bytes free on the spool's filesystem, %d needed to replay %d bytes of WAL and open",
+			syscall.ENOSPC, free, need, wal)
+	}
+	return nil
 }

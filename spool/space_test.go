@@ -1,6 +1,10 @@
 package spool
 
 import (
+	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -43,5 +47,29 @@ func TestHasRoom(t *testing.T) {
 	}
 	if d := DefaultConfig().MinFree; d != 256<<20 {
 		t.Errorf("default min_free %d", d)
+	}
+}
+
+// TestOpenRefusesWithoutRoomForItsWAL: Open checks, before pebble replays
+// the WAL, that the filesystem can take it (a sparse WAL file of 8 TiB
+// stands for one larger than the free space).
+func TestOpenRefusesWithoutRoomForItsWAL(t *testing.T) {
+	dir := t.TempDir()
+	if err := checkOpenSpace(dir); err != nil {
+		t.Fatalf("empty directory: %v", err)
+	}
+	f, err := os.Create(filepath.Join(dir, "000999.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(8 << 40); err != nil {
+		f.Close()
+		t.Skipf("no sparse 8 TiB file here: %v", err)
+	}
+	f.Close()
+	cfg := DefaultConfig()
+	cfg.Dir = dir
+	if _, err := Open(cfg, nil); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Open with an 8 TiB WAL to replay: %v, want ENOSPC", err)
 	}
 }

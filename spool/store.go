@@ -181,6 +181,11 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 			close(queue) // ends failPending, if a fatal error started it
 		}
 	}()
+	if cfg.FS == nil {
+		if err := checkOpenSpace(cfg.Dir); err != nil {
+			return nil, fmt.Errorf("spool: open %s: %w", cfg.Dir, err)
+		}
+	}
 	db, err := pebble.Open(cfg.Dir, s.pebbleOptions(fs))
 	if err != nil {
 		return nil, fmt.Errorf("spool: open %s: %w", cfg.Dir, err)

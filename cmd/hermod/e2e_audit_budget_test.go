@@ -573,11 +573,6 @@ func TestE2EAuditFullDiskStart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	t.Skip("defect: started on a spool filesystem with no space, the daemon does not exit cleanly: " +
-		"with a WAL to replay, pebble's open retries its flush in a tight loop (thousands of 'pebble flush failed: ENOSPC' " +
-		"log lines a second, sst numbers climbing), the listeners never open and the process never exits, so systemd never restarts it; " +
-		"with nothing to replay, the MANIFEST write fails and spool.pebbleLogger.Fatalf panics (exit 2, goroutine dump). " +
-		"Both in spool/pebble, outside this audit's files; it starts once space is freed")
 	dir := t.TempDir()
 	mnt := mountTmpfs(t, dir, "32m")
 	d := writeConfig(t, dir, "", deadDNS)
