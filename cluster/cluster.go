@@ -774,9 +774,14 @@ type Stats struct {
 	ReplicasStored   int64    `json:"replicas_stored"`
 	ReplicasHeld     int64    `json:"replicas_held"`
 	ReplicasDropped  int64    `json:"replicas_dropped"`
-	TakenOver        int64    `json:"taken_over"`
-	Reconciled       int64    `json:"reconciled"`
-	AddressesHeld    []string `json:"addresses_held_for"`
+	// ReplicasRefused counts copies this node could not store (replica
+	// spool short of space, or failed); ReplicaSpoolFailed is the replica
+	// spool's failure, "" while it works.
+	ReplicasRefused    int64    `json:"replicas_refused"`
+	ReplicaSpoolFailed string   `json:"replica_spool_failed,omitempty"`
+	TakenOver          int64    `json:"taken_over"`
+	Reconciled         int64    `json:"reconciled"`
+	AddressesHeld      []string `json:"addresses_held_for"`
 }
 
 // Stats returns the counters.
@@ -787,9 +792,13 @@ func (s *Service) Stats() Stats {
 	}
 	if s.hold != nil {
 		st.ReplicasStored, st.ReplicasDropped = s.hold.stored.Load(), s.hold.dropped.Load()
+		st.ReplicasRefused = s.hold.failed.Load()
 	}
 	if s.replicas != nil {
 		st.ReplicasHeld = s.replicas.Stats().Messages
+		if err := s.replicas.Err(); err != nil {
+			st.ReplicaSpoolFailed = err.Error()
+		}
 	}
 	s.addrMu.Lock()
 	for n := range s.held {

@@ -697,7 +697,7 @@ func TestReplicaRefusedWhenShortOfSpace(t *testing.T) {
 	if _, err := b.svc.replicas.Load(msg.ID); !errors.Is(err, spool.ErrNotFound) {
 		t.Errorf("the full holder stored the copy anyway: %v", err)
 	}
-	if b.svc.hold.failed.Load() == 0 {
-		t.Error("the refused copy is not counted as failed")
+	if st := b.svc.Stats(); st.ReplicasRefused == 0 || st.ReplicaSpoolFailed != "" {
+		t.Errorf("holder's stats: %d copies refused (want 1), replica spool failure %q (want none)", st.ReplicasRefused, st.ReplicaSpoolFailed)
 	}
 }
