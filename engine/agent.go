@@ -395,7 +395,7 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 	res := &attemptResult{destFail: destFail}
 	updates := make([]spool.Recipient, len(j.rcpts))
 	events := make([]string, len(j.rcpts))
-	var failed, relayed []int
+	var failed, relayed, delayed []int
 	// Jobs of one message to several domains finish concurrently: one at a
 	// time updates the message.
 	j.e.mu.Lock()
@@ -433,6 +433,9 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 		default:
 			res.deferred++
 			events[k] = "deferred"
+			if s.warnDelay(msg, &r, now) {
+				delayed = append(delayed, k)
+			}
 		}
 		res.lastReply = lastText
 	}
@@ -441,8 +444,8 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 	// spool's lazy_sync_delay, makes them durable). A bounce waits: its
 	// notification must not be sent twice.
 	update := s.st.UpdateLazy
-	if len(failed) > 0 || len(relayed) > 0 {
-		s.notifySender(msg, updates, failed, relayed, dv, now)
+	if len(failed) > 0 || len(relayed) > 0 || len(delayed) > 0 {
+		s.notifySender(msg, updates, failed, relayed, delayed, dv, now)
 		update = s.st.Update
 	}
 	if removed, err := update(msg.ID, updates); err != nil {
@@ -505,7 +508,7 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 	}
 	update := s.st.UpdateLazy // as in recordWith
 	if len(expired) > 0 {
-		s.notifySender(msg, updates, expired, nil, &delivery{}, now)
+		s.notifySender(msg, updates, expired, nil, nil, &delivery{}, now)
 		update = s.st.Update
 	}
 	if removed, err := update(msg.ID, updates); err != nil {
@@ -528,17 +531,18 @@ func (s *Scheduler) suspendJob(j *job, now, until time.Time, reason string) {
 }
 
 // notifySender commits a delivery status notification to the message's
-// sender for the failed recipients and those relayed to a next hop without
-// DSN (indexes into updates), unless the sender is null, the message is
+// sender for the failed recipients, those relayed to a next hop without
+// DSN and those delayed past DeliveryConfig.DelayWarning (indexes into
+// updates), unless the sender is null, the message is
 // itself a notification, or no recipient's NOTIFY asks for one (BuildDSN
 // decides). It is committed before the recipients' new states, so that a
 // crash can repeat a notification but never lose one; when it cannot be
 // committed the failed recipients stay pending (they fail again later).
-func (s *Scheduler) notifySender(msg *spool.Message, updates []spool.Recipient, failed, relayed []int, dv *delivery, now time.Time) {
+func (s *Scheduler) notifySender(msg *spool.Message, updates []spool.Recipient, failed, relayed, delayed []int, dv *delivery, now time.Time) {
 	if msg.From == "" || msg.Bounce {
 		return
 	}
-	if len(failed) == 0 && !anyWants(updates, relayed) {
+	if len(failed) == 0 && len(delayed) == 0 && !anyWants(updates, relayed) {
 		return
 	}
 	body, err := s.st.Body(msg.ID)
@@ -555,6 +559,12 @@ func (s *Scheduler) notifySender(msg *spool.Message, updates []spool.Recipient, 
 	for _, k := range relayed {
 		rcpt := DSNRecipientFor(&updates[k], DSNRelayed)
 		rcpt.RemoteMTA, rcpt.LastAttempt = dv.mx, now
+		rcpts = append(rcpts, rcpt)
+	}
+	for _, k := range delayed {
+		rcpt := DSNRecipientFor(&updates[k], DSNDelayed)
+		rcpt.RemoteMTA, rcpt.LastAttempt = dv.mx, now
+		rcpt.WillRetryUntil = msg.Received.Add(s.cfg.MaxQueueLifetime)
 		rcpts = append(rcpts, rcpt)
 	}
 	dsn, ok, err := BuildDSN(DSNInput{ReportingMTA: s.opt.Hostname, Msg: msg, Body: body, Rcpts: rcpts, Now: now})

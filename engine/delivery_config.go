@@ -49,6 +49,14 @@ type DeliveryConfig struct {
 	// and bounces. Default: 120h (5 days).
 	MaxQueueLifetime time.Duration `toml:"max_queue_lifetime"`
 
+	// DelayWarning is how long a message may wait before its sender gets
+	// a "delayed" notification (RFC 3464) for the recipients still
+	// pending: once, at the first failed attempt after it, for the
+	// recipients whose NOTIFY allows it (none given, or one with DELAY;
+	// RFC 3461 §4.1). 0 sends none, as Postfix's delay_warning_time.
+	// Below max_queue_lifetime. Default: 0.
+	DelayWarning time.Duration `toml:"delay_warning"`
+
 	// ActiveLimit bounds the messages held in memory for delivery; the rest
 	// wait in the spool. Default: 20000.
 	ActiveLimit int `toml:"active_limit"`
@@ -141,6 +149,9 @@ func (c DeliveryConfig) Validate() error {
 	}
 	if c.MaxQueueLifetime <= 0 {
 		bad("max_queue_lifetime", "must be positive, got %v", c.MaxQueueLifetime)
+	}
+	if c.DelayWarning < 0 || c.DelayWarning > 0 && c.DelayWarning >= c.MaxQueueLifetime {
+		bad("delay_warning", "must be 0 (none) or between 0 and max_queue_lifetime (%v), got %v", c.MaxQueueLifetime, c.DelayWarning)
 	}
 	if c.ActiveLimit < 1 {
 		bad("active_limit", "must be at least 1, got %d", c.ActiveLimit)

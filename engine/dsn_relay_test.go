@@ -14,7 +14,8 @@ import (
 
 // dsnSink is an SMTP server that records every transaction it accepted:
 // its MAIL and RCPT lines and its content. It offers DSN when dsn is set;
-// recipients starting with "reject" get 550.
+// recipients starting with "reject" get 550, those starting with "defer"
+// 451.
 type dsnSink struct {
 	dsn bool
 
@@ -59,6 +60,10 @@ func (k *dsnSink) serve(c net.Conn) {
 		case "RCPT":
 			if strings.HasPrefix(line, "RCPT TO:<reject") {
 				w.WriteString("550 5.1.1 no such user\r\n")
+				continue
+			}
+			if strings.HasPrefix(line, "RCPT TO:<defer") {
+				w.WriteString("451 4.2.0 mailbox busy\r\n")
 				continue
 			}
 			tx.rcpts = append(tx.rcpts, line)
@@ -194,5 +199,93 @@ func TestDSNParamsRelayed(t *testing.T) {
 				t.Errorf("RET=HDRS: the notification must return the header section only:\n%s", report)
 			}
 		})
+	}
+}
+
+// TestDelayWarning: with delivery.delay_warning, a message deferred past
+// it makes its sender get one "delayed" notification for the recipients
+// whose NOTIFY allows it, at the first failed attempt after the delay,
+// and no other at the next attempts.
+func TestDelayWarning(t *testing.T) {
+	sink := &dsnSink{}
+	addr := serveLoopback(t, sink.serve)
+	st := openStore(t)
+	s := testScheduler(t, st, addr, func(c *DeliveryConfig) {
+		c.DelayWarning = time.Hour
+		c.Retry = []time.Duration{50 * time.Millisecond}
+		c.Jitter = 0
+	})
+	now := time.Now()
+	msg := &spool.Message{
+		ID: st.NewID(), From: "s@src.test", Received: now.Add(-2 * time.Hour), ClientIP: "127.0.0.1", Helo: "src.test",
+		Rcpts: []spool.Recipient{
+			{Addr: "defer-default@dest.test"},
+			{Addr: "defer-delay@dest.test", Notify: spool.NotifyDelay | spool.NotifyFailure},
+			{Addr: "defer-failure-only@dest.test", Notify: spool.NotifyFailure},
+			{Addr: "defer-never@dest.test", Notify: spool.NotifyNever},
+		},
+	}
+	for i := range msg.Rcpts {
+		msg.Rcpts[i].Index, msg.Rcpts[i].Domain, msg.Rcpts[i].NextAttempt = uint16(i), "dest.test", now
+	}
+	body := []byte("Subject: slow\r\n\r\nbody\r\n")
+	if err := st.CommitWait(msg, body); err != nil {
+		t.Fatal(err)
+	}
+	s.Enqueue(msg, body)
+	s.Start()
+	defer s.Stop(context.Background())
+
+	// Several attempts (retries every 50 ms); only the first warns.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m, err := st.Load(msg.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Rcpts[0].Attempts >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 10 s: %d attempts", m.Rcpts[0].Attempts)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	var warnings []dsnTx
+	for _, tx := range sink.transactions() {
+		if tx.mail == "MAIL FROM:<>" {
+			warnings = append(warnings, tx)
+		}
+	}
+	if len(warnings) != 1 {
+		t.Fatalf("%d notifications to the sender, want one warning", len(warnings))
+	}
+	w := warnings[0].body
+	for _, want := range []string{"Action: delayed", "Final-Recipient: rfc822; defer-default@dest.test",
+		"Final-Recipient: rfc822; defer-delay@dest.test", "Will-Retry-Until: ", "Diagnostic-Code: smtp; 451 4.2.0 mailbox busy"} {
+		if !strings.Contains(w, want) {
+			t.Errorf("warning lacks %q:\n%s", want, w)
+		}
+	}
+	if strings.Contains(w, "failure-only@") || strings.Contains(w, "never@") {
+		t.Errorf("warning reports a recipient whose NOTIFY excludes delays:\n%s", w)
+	}
+	if m, _ := st.Load(msg.ID); m == nil || m.Rcpts[0].State != spool.Pending {
+		t.Errorf("the warned recipients must stay queued: %+v", m)
+	}
+}
+
+func TestDelayWarningConfig(t *testing.T) {
+	for _, tt := range []struct {
+		warn time.Duration
+		ok   bool
+	}{{0, true}, {4 * time.Hour, true}, {-time.Second, false}, {120 * time.Hour, false}, {200 * time.Hour, false}} {
+		c := DeliveryConfig{DelayWarning: tt.warn}
+		c.EnsureDefaults()
+		err := c.Validate()
+		if (err == nil) != tt.ok || err != nil && !strings.Contains(err.Error(), "delay_warning") {
+			t.Errorf("delay_warning %v: %v", tt.warn, err)
+		}
 	}
 }
