@@ -471,6 +471,13 @@ func (s *Session) reply(out []byte, r *smtperr.Error) ([]byte, Action) {
 
 // command executes one command line (terminated by LF).
 func (s *Session) command(line []byte, out []byte) ([]byte, Action) {
+	// A line longer than any command is too long whatever its ending: Feed
+	// discards one whose first maxMailRcptLine octets arrive without an LF
+	// and reports it so, and the reply must not depend on how the input
+	// was split into reads.
+	if len(line)-1 > maxMailRcptLine {
+		return s.fail(out, errLineTooLong)
+	}
 	// Strict CRLF: the line must end in CRLF and contain no other CR.
 	if len(line) < 2 || line[len(line)-2] != '\r' || bytes.IndexByte(line[:len(line)-2], '\r') >= 0 {
 		return s.fail(out, errBareLFCommand)
