@@ -430,6 +430,10 @@ func (s *Scheduler) recordWith(j *job, rnd jitterSource, outs []rcptOutcome, des
 			res.bounced++
 			events[k] = "bounced"
 			failed = append(failed, k)
+		case class == outMore:
+			// Sent again at once for the server's recipient limit: not a
+			// deferral (Postfix logs nothing); the log says "resent".
+			events[k] = "resent"
 		default:
 			res.deferred++
 			events[k] = "deferred"

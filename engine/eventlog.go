@@ -166,7 +166,10 @@ func (r *ReceivedRecord) appendJSON(b []byte) ([]byte, bool) {
 }
 
 // DeliveryRecord is the log line of one recipient's delivery attempt
-// outcome: delivered, deferred, bounced or expired.
+// outcome: delivered, deferred, bounced or expired, or resent (refused
+// for the server's recipient limit in a transaction that delivered
+// others, and sent again at once in a new one: neither a deferral nor an
+// attempt of its retry schedule).
 type DeliveryRecord struct {
 	Time        time.Time `json:"time"`
 	Event       string    `json:"event"`

@@ -60,7 +60,11 @@ func classify(reply *smtperr.Error, err error) (outcomeClass, *smtperr.Error) {
 // backoff of its attempt count, or expires (and bounces) once the message
 // has been queued for MaxQueueLifetime. u in [0, 1) draws the jitter.
 func transition(cfg *DeliveryConfig, msg *spool.Message, r spool.Recipient, class outcomeClass, reply string, now time.Time, u float64) (spool.Recipient, outcomeClass, bool) {
-	r.Attempts++
+	if class != outMore {
+		// A recipient sent again for the server's recipient limit was
+		// not refused: its retry schedule does not move on.
+		r.Attempts++
+	}
 	r.LastAttempt = now
 	r.LastReply = reply
 	switch class {
@@ -76,11 +80,12 @@ func transition(cfg *DeliveryConfig, msg *spool.Message, r spool.Recipient, clas
 		r.State = spool.Expired
 		return r, outBounced, true
 	}
-	// The last retry happens when the lifetime ends, not after.
-	r.NextAttempt = minTime(now.Add(cfg.retryDelay(int(r.Attempts), u)), expires)
 	if class == outMore {
 		r.NextAttempt = now
+		return r, outMore, false
 	}
+	// The last retry happens when the lifetime ends, not after.
+	r.NextAttempt = minTime(now.Add(cfg.retryDelay(int(r.Attempts), u)), expires)
 	return r, outDeferred, false
 }
 

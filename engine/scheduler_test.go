@@ -501,10 +501,18 @@ func TestTransition(t *testing.T) {
 		{"deferred", outDeferred, t0, spool.Pending, t0.Add(time.Minute), false},
 		{"deferred near the end retries at the end", outDeferred, t0.Add(59*time.Minute + 30*time.Second), spool.Pending, t0.Add(time.Hour), false},
 		{"deferred after the lifetime expires", outDeferred, t0.Add(time.Hour), spool.Expired, time.Time{}, true},
+		{"resent for the recipient limit: at once, not an attempt", outMore, t0.Add(time.Minute), spool.Pending, t0.Add(time.Minute), false},
 	}
 	for _, c := range cases {
-		nr, _, exp := transition(&cfg, msg, r, c.class, "reply", c.now, 0.5)
-		if nr.State != c.state || exp != c.expired || (c.state == spool.Pending && !nr.NextAttempt.Equal(c.next)) || nr.Attempts != 1 {
+		nr, class, exp := transition(&cfg, msg, r, c.class, "reply", c.now, 0.5)
+		attempts := uint32(1)
+		if c.class == outMore {
+			attempts = 0
+			if class != outMore {
+				t.Errorf("%s: class %v", c.name, class)
+			}
+		}
+		if nr.State != c.state || exp != c.expired || (c.state == spool.Pending && !nr.NextAttempt.Equal(c.next)) || nr.Attempts != attempts {
 			t.Errorf("%s: got state %v next %v expired %v attempts %d", c.name, nr.State, nr.NextAttempt, exp, nr.Attempts)
 		}
 	}
