@@ -32,6 +32,19 @@ type budgetConn struct {
 	r *bufio.Reader
 }
 
+// mailReply opens a session to d, says EHLO and returns the reply to
+// MAIL FROM:<s@x.test> with param.
+func mailReply(t *testing.T, d *hermodProc, param string) string {
+	t.Helper()
+	b, err := dialBudget(d.smtp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.c.Close()
+	r, _ := b.cmd("MAIL FROM:<s@x.test>" + param)
+	return r
+}
+
 func dialBudget(addr string) (*budgetConn, error) {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
@@ -491,23 +504,9 @@ func TestE2EAuditFullDiskGaps(t *testing.T) {
 	}
 	dir := t.TempDir()
 	mnt := mountTmpfs(t, dir, "64m")
-	d := writeConfig(t, dir, "max_message_size = 67108864\nmax_buffered_bytes = 134217728", deadDNS)
-	cfg, _ := os.ReadFile(d.cfg)
-	s := strings.Replace(string(cfg), fmt.Sprintf("dir = %q", filepath.Join(dir, "spool")),
-		fmt.Sprintf("dir = %q\nmemtable_size = 4194304\nmin_free = 16777216", filepath.Join(mnt, "spool")), 1)
-	if err := os.WriteFile(d.cfg, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	d := spoolOn(t, dir, mnt, "max_message_size = 67108864\nmax_buffered_bytes = 134217728", "memtable_size = 4194304\nmin_free = 16777216")
 	d.start()
-	mailWith := func(param string) string {
-		b, err := dialBudget(d.smtp)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer b.c.Close()
-		r, _ := b.cmd("MAIL FROM:<s@x.test>" + param)
-		return r
-	}
+	mailWith := func(param string) string { return mailReply(t, d, param) }
 	// About 60 MiB free: 50 MiB would leave less than 16 MiB.
 	if r := mailWith(" SIZE=52428800"); !strings.HasPrefix(r, "452 4.3.1") {
 		t.Errorf("MAIL SIZE=50MiB on a 64 MiB filesystem with min_free 16 MiB: %q, want 452 4.3.1", r)
@@ -575,23 +574,9 @@ func TestE2EAuditFullDiskStart(t *testing.T) {
 	}
 	dir := t.TempDir()
 	mnt := mountTmpfs(t, dir, "32m")
-	d := writeConfig(t, dir, "", deadDNS)
-	cfg, _ := os.ReadFile(d.cfg)
-	s := strings.Replace(string(cfg), fmt.Sprintf("dir = %q", filepath.Join(dir, "spool")),
-		fmt.Sprintf("dir = %q\nmin_free = 8388608", filepath.Join(mnt, "spool")), 1)
-	if err := os.WriteFile(d.cfg, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	d := spoolOn(t, dir, mnt, "", "min_free = 8388608")
 	d.start()
-	mailWith := func(param string) string {
-		b, err := dialBudget(d.smtp)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer b.c.Close()
-		r, _ := b.cmd("MAIL FROM:<s@x.test>" + param)
-		return r
-	}
+	mailWith := func(param string) string { return mailReply(t, d, param) }
 	sendMsg(t, d.smtp, "a@x.test", []string{"b@y.test"}, "before the disk filled")
 	filler := filepath.Join(mnt, "filler")
 	// A start on a filesystem with no space at all: the daemon either

@@ -35,6 +35,23 @@ func mountTmpfs(t *testing.T, dir, size string) string {
 	return mnt
 }
 
+// spoolOn writes the configuration of a daemon in dir (writeConfig, with
+// deadDNS) whose spool is on mnt, spoolExtra added to its [spool] table.
+func spoolOn(t *testing.T, dir, mnt, smtpExtra, spoolExtra string) *hermodProc {
+	t.Helper()
+	d := writeConfig(t, dir, smtpExtra, deadDNS)
+	cfg, err := os.ReadFile(d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.Replace(string(cfg), fmt.Sprintf("dir = %q", filepath.Join(dir, "spool")),
+		fmt.Sprintf("dir = %q\n%s", filepath.Join(mnt, "spool"), spoolExtra), 1)
+	if err := os.WriteFile(d.cfg, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
 // incompressible returns a message of about n octets whose body s2 cannot
 // shrink (base64 of random octets, 76-character lines).
 func incompressible(t *testing.T, n int) string {
@@ -105,16 +122,8 @@ func TestE2EFullDisk(t *testing.T) {
 	mnt := mountTmpfs(t, dir, "64m")
 	body := incompressible(t, 1<<20)
 	config := func(minFree string) *hermodProc {
-		d := writeConfig(t, dir, "max_message_size = 4194304", deadDNS)
-		// The spool goes on the tmpfs, with small memtables so that
-		// flushes and the WAL run into the full disk soon.
-		cfg, _ := os.ReadFile(d.cfg)
-		s := strings.Replace(string(cfg), fmt.Sprintf("dir = %q", filepath.Join(dir, "spool")),
-			fmt.Sprintf("dir = %q\nmemtable_size = 4194304\nmin_free = %s", filepath.Join(mnt, "spool"), minFree), 1)
-		if err := os.WriteFile(d.cfg, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return d
+		// Small memtables: flushes and the WAL run into the full disk soon.
+		return spoolOn(t, dir, mnt, "max_message_size = 4194304", "memtable_size = 4194304\nmin_free = "+minFree)
 	}
 
 	// 1. min_free = 16 MiB (plus half the spool's size): refused with 452
