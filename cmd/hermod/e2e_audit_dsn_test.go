@@ -252,45 +252,6 @@ func newDSNWorld(t *testing.T) *dsnWorld {
 	return w
 }
 
-// startSMTPSinkArgs is startSMTPSink with extra smtp-sink options (before
-// the address), e.g. "-f", "RCPT" to refuse every recipient with 5xx.
-func startSMTPSinkArgs(t *testing.T, addr string, extra ...string) *smtpSink {
-	t.Helper()
-	bin := needTool(t, "smtp-sink", "postfix")
-	dir, err := os.MkdirTemp("", "hermod-smtp-sink")
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(dir, 0o777)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	args := append([]string{"-d", dir + "/%H%M%S.", "-h", "sink.test"}, extra...)
-	if os.Geteuid() == 0 {
-		args = append(args, "-u", "nobody")
-	}
-	args = append(args, addr, "128")
-	s := &smtpSink{cmd: exec.Command(bin, args...), dir: dir, out: &syncBuffer{}}
-	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { s.cmd.Wait(); close(exited) }()
-	t.Cleanup(func() { s.cmd.Process.Kill(); <-exited })
-	for i := 0; i < 200; i++ {
-		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-			c.Close()
-			return s
-		}
-		select {
-		case <-exited:
-			t.Fatalf("smtp-sink exited: %s", s.out.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	t.Fatalf("smtp-sink not listening on %s: %s", addr, s.out.String())
-	return nil
-}
-
 // dsnParsed is what pyDSNParser reports about one notification.
 type dsnParsed struct {
 	Defects    []string            `json:"defects"`

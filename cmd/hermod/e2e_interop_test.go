@@ -580,6 +580,13 @@ type smtpSink struct {
 
 func startSMTPSink(t *testing.T, addr string) *smtpSink {
 	t.Helper()
+	return startSMTPSinkArgs(t, addr)
+}
+
+// startSMTPSinkArgs is startSMTPSink with extra smtp-sink options (before
+// the address), e.g. "-f", "RCPT" to refuse every recipient with 5xx.
+func startSMTPSinkArgs(t *testing.T, addr string, extra ...string) *smtpSink {
+	t.Helper()
 	bin := needTool(t, "smtp-sink", "postfix")
 	// Not t.TempDir: smtp-sink may drop to "nobody", who needs a path it
 	// can traverse.
@@ -589,7 +596,7 @@ func startSMTPSink(t *testing.T, addr string) *smtpSink {
 	}
 	os.Chmod(dir, 0o777)
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	args := []string{"-d", dir + "/%H%M%S.", "-h", "sink.test"}
+	args := append([]string{"-d", dir + "/%H%M%S.", "-h", "sink.test"}, extra...)
 	if os.Geteuid() == 0 {
 		args = append(args, "-u", "nobody") // required when run as root
 	}
