@@ -11,7 +11,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"regexp"
@@ -215,12 +214,7 @@ type dsnWorld struct {
 
 func newDSNWorld(t *testing.T) *dsnWorld {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.12:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	port := freePortOn(t, "127.0.0.12")
 	w := &dsnWorld{}
 	w.hop = startSMTPSink(t, fmt.Sprintf("127.0.0.12:%d", port))
 	w.refuse = startSMTPSinkArgs(t, fmt.Sprintf("127.0.0.13:%d", port), "-f", "RCPT")

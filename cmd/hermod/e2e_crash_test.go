@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -21,12 +20,7 @@ func TestE2ECrashUnderLoad(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	l, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	port := freePortOn(t, "127.0.0.2")
 	dnsSrv, err := bench.NewDNS(bench.DNSConfig{Listen: "127.0.0.1:0", Domains: 20, MX: []string{"127.0.0.2"}, TTL: 60})
 	if err != nil {
 		t.Fatal(err)

@@ -31,12 +31,7 @@ var captureDomains = []string{"good.test", "fallback.test", "implicit.test", "re
 func newRelayEnv(t *testing.T) *relayEnv {
 	t.Helper()
 	// A port free on every sink address.
-	l, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	port := freePortOn(t, "127.0.0.2")
 	mx := func(host, ip string, pref uint16) bench.MX {
 		return bench.MX{Host: host, Pref: pref, Addrs: []string{ip}}
 	}

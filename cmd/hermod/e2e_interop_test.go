@@ -666,12 +666,7 @@ func TestE2EInteropPostfix(t *testing.T) {
 	source := needTool(t, "smtp-source", "postfix")
 	py := needTool(t, "python3", "python3")
 	const sinkIP = "127.0.0.9"
-	l, err := net.Listen("tcp", sinkIP+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	port := freePortOn(t, sinkIP)
 	sink := startSMTPSink(t, fmt.Sprintf("%s:%d", sinkIP, port))
 	mx := []bench.MX{{Host: "mx.sink.test", Pref: 10, Addrs: []string{sinkIP}}}
 	dns, err := bench.NewDNS(bench.DNSConfig{Listen: "127.0.0.1:0", Domains: 1, MX: []string{sinkIP}, Extra: []string{}, TTL: 60,
@@ -795,12 +790,7 @@ func TestE2EIDNRelayAndDelivery(t *testing.T) {
 		t.Skip("end-to-end")
 	}
 	const mxIP = "127.0.0.10"
-	l, err := net.Listen("tcp", mxIP+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	port := freePortOn(t, mxIP)
 	sink, err := bench.NewSink(bench.SinkConfig{Listen: []string{fmt.Sprintf("%s:%d", mxIP, port)}, Hostname: "sink.test",
 		Capture: []string{"bücher.test", "xn--bcher-kva.test", "müller.test", "xn--mller-kva.test"}, Seed: 1})
 	if err != nil {

@@ -371,12 +371,8 @@ func TestE2EPostfixMX(t *testing.T) {
 	var sink *bench.Sink
 	var port int
 	for try := 0; sink == nil; try++ {
-		l, err := net.Listen("tcp", pfMXIP+":0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port = l.Addr().(*net.TCPAddr).Port
-		l.Close()
+		port = freePortOn(t, pfMXIP)
+		var err error
 		sink, err = bench.NewSink(bench.SinkConfig{Listen: []string{fmt.Sprintf("%s:%d", pfSinkIP, port)},
 			Hostname: "mx.src.test", Capture: []string{"src.test"}, Seed: 1})
 		if err != nil && try >= 5 {

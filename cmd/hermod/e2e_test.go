@@ -66,6 +66,18 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
+// freePortOn returns a TCP port free on ip (a loopback address) a moment
+// ago.
+func freePortOn(t *testing.T, ip string) int {
+	t.Helper()
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
 // hermodProc is a running hermod process.
 type hermodProc struct {
 	t      *testing.T
