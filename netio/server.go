@@ -376,6 +376,10 @@ func (h *handler) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 	c := &conn{s: s, gc: gc, info: info, result: make(chan *smtperr.Error, 1)}
 	c.sess = NewSession(&s.cfg, s.backend, info, s.tlsCfg.Load() != nil, c.notify)
 	gc.SetContext(c)
+	// The idle clock starts before the ticker (another goroutine) can see
+	// the connection: with lastActive still 0 it took a new connection
+	// for one idle since 1970 and closed it with 421 (seen once in CI).
+	c.lastActive.Store(time.Now().UnixNano())
 	s.mu.Lock()
 	s.conns[c] = struct{}{}
 	s.mu.Unlock()
