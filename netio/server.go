@@ -304,9 +304,14 @@ func (c *conn) notify(r *smtperr.Error) {
 // restarts when the session made progress (a complete command, content
 // octets) or changed phase, not on any octet read: a partial command line
 // does not extend the command timeout.
+//
+// The clocks are set before the phase is published: the ticker, on another
+// goroutine, must never see a new phase with the previous one's clocks
+// (a data phase with no start, a command phase idle since before a long
+// commit).
 func (c *conn) track(now int64) {
 	ph := c.sess.Phase()
-	old := Phase(c.phase.Swap(uint32(ph)))
+	old := Phase(c.phase.Load()) // only this connection's goroutine stores it
 	if p := c.sess.Progress(); p != c.progress || old != ph {
 		c.progress = p
 		c.lastActive.Store(now)
@@ -317,6 +322,7 @@ func (c *conn) track(now int64) {
 		}
 		c.dataBytes.Store(c.sess.DataBytes)
 	}
+	c.phase.Store(uint32(ph))
 }
 
 // expired reports why c must be closed at now, or nil.
