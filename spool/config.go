@@ -71,7 +71,8 @@ type Config struct {
 	// pebble's memtable flushes and compactions and for the outcomes of
 	// deliveries, which free space, so that the spool never reaches ENOSPC
 	// (where it fails and must be reopened). Negative disables the check.
-	// Default: 256 MiB.
+	// Default: 64 MiB (Postfix refuses below 1.5 × its message size
+	// limit: 15 MiB by default).
 	MinFree int64 `toml:"min_free"`
 
 	// NodeID is written into every ID made by NewID. It is set by the cluster
@@ -96,7 +97,7 @@ const (
 	defaultCommitQueue   = 4096
 	defaultCacheSize     = 64 << 20
 	defaultLazySyncDelay = 100 * time.Millisecond
-	defaultMinFree       = 256 << 20
+	defaultMinFree       = 64 << 20
 	minLazySyncDelay     = time.Millisecond
 	maxLazySyncDelay     = 10 * time.Second
 

@@ -115,7 +115,7 @@
 //     stall. Other pebble errors (compaction and other flush I/O errors,
 //     which pebble retries) are logged through the event listener.
 //   - Running out of space is kept from happening: HasRoom reports false
-//     while the filesystem has less than Config.MinFree (256 MiB) plus
+//     while the filesystem has less than Config.MinFree (64 MiB) plus
 //     half the spool's size free beyond the message (compactions write
 //     before they delete), and the daemon then answers MAIL with 452 4.3.1,
 //     while deliveries go on and free space. Failed() tells the daemon

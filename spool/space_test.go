@@ -45,7 +45,7 @@ func TestHasRoom(t *testing.T) {
 			t.Errorf("%s: HasRoom(%d) = %v, want %v (free %d, min_free %d)", tt.name, tt.size, got, tt.hasRoom, tt.st.FreeBytes(), tt.st.cfg.MinFree)
 		}
 	}
-	if d := DefaultConfig().MinFree; d != 256<<20 {
+	if d := DefaultConfig().MinFree; d != 64<<20 {
 		t.Errorf("default min_free %d", d)
 	}
 }
