@@ -16,6 +16,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -511,12 +512,15 @@ func writeJSON(w http.ResponseWriter, v any) {
 // QueueEntry is one message in the admin API and `hermod queue` output.
 type QueueEntry struct {
 	// Node is the cluster node holding it (cluster-wide listings only).
-	Node     string      `json:"node,omitempty"`
-	ID       string      `json:"id"`
-	From     string      `json:"from"`
-	Received time.Time   `json:"received"`
-	Size     int64       `json:"size"`
-	Rcpts    []QueueRcpt `json:"rcpts"`
+	Node     string    `json:"node,omitempty"`
+	ID       string    `json:"id"`
+	From     string    `json:"from"`
+	Received time.Time `json:"received"`
+	Size     int64     `json:"size"`
+	// EnvID and Ret are the DSN ENVID and RET parameters (RFC 3461).
+	EnvID string      `json:"envid,omitempty"`
+	Ret   string      `json:"ret,omitempty"`
+	Rcpts []QueueRcpt `json:"rcpts"`
 }
 
 // QueueRcpt is one recipient of a QueueEntry.
@@ -526,14 +530,37 @@ type QueueRcpt struct {
 	Attempts    uint32    `json:"attempts"`
 	NextAttempt time.Time `json:"next_attempt"`
 	LastReply   string    `json:"last_reply,omitempty"`
+	// Notify ("NEVER", or a list of SUCCESS, FAILURE, DELAY) and ORcpt
+	// are the recipient's DSN parameters, as the client gave them.
+	Notify string `json:"notify,omitempty"`
+	ORcpt  string `json:"orcpt,omitempty"`
 }
 
 func toQueueEntry(m *spool.Message) QueueEntry {
-	e := QueueEntry{ID: m.ID.String(), From: m.From, Received: m.Received, Size: m.Size}
+	e := QueueEntry{ID: m.ID.String(), From: m.From, Received: m.Received, Size: m.Size, EnvID: m.EnvID, Ret: m.Ret}
 	for _, r := range m.Rcpts {
-		e.Rcpts = append(e.Rcpts, QueueRcpt{Addr: r.Addr, State: r.State.String(), Attempts: r.Attempts, NextAttempt: r.NextAttempt, LastReply: r.LastReply})
+		e.Rcpts = append(e.Rcpts, QueueRcpt{Addr: r.Addr, State: r.State.String(), Attempts: r.Attempts, NextAttempt: r.NextAttempt,
+			LastReply: r.LastReply, Notify: notifyString(r.Notify), ORcpt: r.ORcpt})
 	}
 	return e
+}
+
+// notifyString writes spool NOTIFY flags as the parameter's value, "" for
+// none.
+func notifyString(n uint8) string {
+	if n&spool.NotifyNever != 0 {
+		return "NEVER"
+	}
+	var parts []string
+	for _, f := range []struct {
+		flag uint8
+		name string
+	}{{spool.NotifySuccess, "SUCCESS"}, {spool.NotifyFailure, "FAILURE"}, {spool.NotifyDelay, "DELAY"}} {
+		if n&f.flag != 0 {
+			parts = append(parts, f.name)
+		}
+	}
+	return strings.Join(parts, ",")
 }
 
 func queueList(st *spool.Store, limit int) ([]QueueEntry, error) {
