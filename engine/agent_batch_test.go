@@ -83,6 +83,18 @@ func serveLoopback(t testing.TB, serve func(net.Conn)) netip.AddrPort {
 	return netip.MustParseAddrPort(ln.Addr().String())
 }
 
+// deliverOne commits msg with body to st, hands it to s and starts s,
+// which is stopped when the test ends.
+func deliverOne(t testing.TB, s *Scheduler, st *spool.Store, msg *spool.Message, body []byte) {
+	t.Helper()
+	if err := st.CommitWait(msg, body); err != nil {
+		t.Fatal(err)
+	}
+	s.Enqueue(msg, body)
+	s.Start()
+	t.Cleanup(func() { s.Stop(context.Background()) })
+}
+
 // testScheduler returns a scheduler over st delivering every domain to
 // addr without TLS, retrying after an hour, with edit applied to its
 // configuration (nil: none). It is not started.

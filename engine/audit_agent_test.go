@@ -191,12 +191,7 @@ func TestAuditAgentTooManyRecipients(t *testing.T) {
 					{Addr: "c@dest.test", Domain: "dest.test", NextAttempt: now},
 				},
 			}
-			if err := st.CommitWait(msg, body); err != nil {
-				t.Fatal(err)
-			}
-			s.Enqueue(msg, body)
-			s.Start()
-			defer s.Stop(context.Background())
+			deliverOne(t, s, st, msg, body)
 			deadline := time.Now().Add(20 * time.Second)
 			for {
 				if _, err := st.Load(msg.ID); errors.Is(err, spool.ErrNotFound) {

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"bufio"
-	"context"
 	"net"
 	"strings"
 	"sync"
@@ -139,12 +138,7 @@ func TestDSNParamsRelayed(t *testing.T) {
 				msg.Rcpts[i].Index, msg.Rcpts[i].Domain, msg.Rcpts[i].NextAttempt = uint16(i), "dest.test", now
 			}
 			body := []byte("Subject: asked\r\nMessage-ID: <asked@src.test>\r\n\r\nbody\r\n")
-			if err := st.CommitWait(msg, body); err != nil {
-				t.Fatal(err)
-			}
-			s.Enqueue(msg, body)
-			s.Start()
-			defer s.Stop(context.Background())
+			deliverOne(t, s, st, msg, body)
 
 			// The original, then the notification to s@src.test (same
 			// sink: every domain resolves to it).
@@ -229,12 +223,7 @@ func TestDelayWarning(t *testing.T) {
 		msg.Rcpts[i].Index, msg.Rcpts[i].Domain, msg.Rcpts[i].NextAttempt = uint16(i), "dest.test", now
 	}
 	body := []byte("Subject: slow\r\n\r\nbody\r\n")
-	if err := st.CommitWait(msg, body); err != nil {
-		t.Fatal(err)
-	}
-	s.Enqueue(msg, body)
-	s.Start()
-	defer s.Stop(context.Background())
+	deliverOne(t, s, st, msg, body)
 
 	// Several attempts (retries every 50 ms); only the first warns.
 	deadline := time.Now().Add(10 * time.Second)
