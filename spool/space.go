@@ -12,32 +12,42 @@ import (
 )
 
 // freeSpaceTTL is how long a reading of the filesystem's free space is
-// used before HasRoom takes another (one statfs(2) at most this often).
+// used before it is renewed (see watchFree).
 const freeSpaceTTL = 250 * time.Millisecond
 
 // freeSpace caches the free space of the spool's filesystem.
 type freeSpace struct {
-	bytes atomic.Int64 // available to unprivileged users; -1 unknown
-	at    atomic.Int64 // unix nanos of the reading; 0 never
-	busy  atomic.Bool  // a reading is being taken
+	bytes atomic.Int64  // available to unprivileged users; -1 unknown
+	stop  chan struct{} // ends watchFree (closed by close)
 }
 
 // FreeBytes returns the space available on the spool's filesystem, as of
 // at most freeSpaceTTL ago, or -1 when it cannot be read (statfs failed,
-// or the store runs on an in-memory filesystem).
-func (s *Store) FreeBytes() int64 {
-	now := time.Now().UnixNano()
-	f := &s.free
-	if now-f.at.Load() >= int64(freeSpaceTTL) && f.busy.CompareAndSwap(false, true) {
-		f.bytes.Store(statFree(s.cfg.Dir))
-		s.refreshDiskBytes()
-		f.at.Store(now)
-		f.busy.Store(false)
+// or the store runs on an in-memory filesystem). Open takes the first
+// reading and watchFree the next ones, on a goroutine of its own, so that
+// a caller on an event loop never waits for statfs(2) or for pebble's
+// metrics (and their mutex).
+func (s *Store) FreeBytes() int64 { return s.free.bytes.Load() }
+
+// watchFree renews the free space reading every freeSpaceTTL until stop
+// is closed.
+func (s *Store) watchFree(stop <-chan struct{}) {
+	t := time.NewTicker(freeSpaceTTL)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			s.readFree()
+		case <-stop:
+			return
+		}
 	}
-	if f.at.Load() == 0 {
-		return -1 // another caller is taking the first reading
-	}
-	return f.bytes.Load()
+}
+
+// readFree takes a reading of the free space and of the spool's size.
+func (s *Store) readFree() {
+	s.free.bytes.Store(statFree(s.cfg.Dir))
+	s.refreshDiskBytes()
 }
 
 // HasRoom reports whether a message of size octets (0: unknown) may be
@@ -47,8 +57,7 @@ func (s *Store) FreeBytes() int64 {
 // output before they delete their input: in a small or freshly grown spool
 // one may rewrite most of it. Unknown free space, a disabled check
 // (negative MinFree) and a failed store report true (a failed store
-// refuses the commit itself). It costs at most one statfs(2) and one read
-// of pebble's metrics per freeSpaceTTL.
+// refuses the commit itself). It never blocks (see FreeBytes).
 func (s *Store) HasRoom(size int64) bool {
 	if s.cfg.MinFree < 0 {
 		return true

@@ -195,6 +195,9 @@ func Open(cfg Config, logger *slog.Logger) (s *Store, err error) {
 		_ = db.Close()
 		return nil, err
 	}
+	s.readFree()
+	s.free.stop = make(chan struct{})
+	go s.watchFree(s.free.stop)
 	for _, w := range s.workers {
 		s.wg.Add(1)
 		go s.work(w)
@@ -343,6 +346,7 @@ func (s *Store) close() error {
 		s.drainOnce.Do(func() { close(s.drained) })
 	}
 	<-s.drained
+	close(s.free.stop)
 	s.lazyTimer.Stop() // pebble's Close syncs the WAL
 	close(s.queue)
 	workersDone := make(chan struct{})
