@@ -632,21 +632,7 @@ func dsnRcptParams(r *spool.Recipient) string {
 	var b strings.Builder
 	if r.Notify != 0 {
 		b.WriteString("NOTIFY=")
-		if r.Notify&spool.NotifyNever != 0 {
-			b.WriteString("NEVER")
-		} else {
-			sep := ""
-			for _, f := range [...]struct {
-				flag uint8
-				name string
-			}{{spool.NotifySuccess, "SUCCESS"}, {spool.NotifyFailure, "FAILURE"}, {spool.NotifyDelay, "DELAY"}} {
-				if r.Notify&f.flag != 0 {
-					b.WriteString(sep)
-					b.WriteString(f.name)
-					sep = ","
-				}
-			}
-		}
+		b.WriteString(spool.FormatNotify(r.Notify))
 	}
 	if r.ORcpt != "" {
 		if b.Len() > 0 {

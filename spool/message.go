@@ -53,6 +53,27 @@ const (
 	NotifyDelay                     // NOTIFY=DELAY
 )
 
+// FormatNotify writes NOTIFY flags as the parameter's value (RFC 3461
+// §4.1): "NEVER", or a list of SUCCESS, FAILURE and DELAY; "" for none.
+func FormatNotify(n uint8) string {
+	if n&NotifyNever != 0 {
+		return "NEVER"
+	}
+	var b []byte
+	for _, f := range [...]struct {
+		flag uint8
+		name string
+	}{{NotifySuccess, "SUCCESS"}, {NotifyFailure, "FAILURE"}, {NotifyDelay, "DELAY"}} {
+		if n&f.flag != 0 {
+			if len(b) > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, f.name...)
+		}
+	}
+	return string(b)
+}
+
 // Recipient is one envelope recipient and its delivery state.
 type Recipient struct {
 	// Index is the recipient's position in the message (0-based). Commit

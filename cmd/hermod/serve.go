@@ -16,7 +16,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -540,27 +539,9 @@ func toQueueEntry(m *spool.Message) QueueEntry {
 	e := QueueEntry{ID: m.ID.String(), From: m.From, Received: m.Received, Size: m.Size, EnvID: m.EnvID, Ret: m.Ret}
 	for _, r := range m.Rcpts {
 		e.Rcpts = append(e.Rcpts, QueueRcpt{Addr: r.Addr, State: r.State.String(), Attempts: r.Attempts, NextAttempt: r.NextAttempt,
-			LastReply: r.LastReply, Notify: notifyString(r.Notify), ORcpt: r.ORcpt})
+			LastReply: r.LastReply, Notify: spool.FormatNotify(r.Notify), ORcpt: r.ORcpt})
 	}
 	return e
-}
-
-// notifyString writes spool NOTIFY flags as the parameter's value, "" for
-// none.
-func notifyString(n uint8) string {
-	if n&spool.NotifyNever != 0 {
-		return "NEVER"
-	}
-	var parts []string
-	for _, f := range []struct {
-		flag uint8
-		name string
-	}{{spool.NotifySuccess, "SUCCESS"}, {spool.NotifyFailure, "FAILURE"}, {spool.NotifyDelay, "DELAY"}} {
-		if n&f.flag != 0 {
-			parts = append(parts, f.name)
-		}
-	}
-	return strings.Join(parts, ",")
 }
 
 func queueList(st *spool.Store, limit int) ([]QueueEntry, error) {
